@@ -1,0 +1,1 @@
+"""Thin gRPC client for the CodecSight ensemble (tritonclient)."""

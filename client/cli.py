@@ -1,0 +1,128 @@
+"""codecsight-client: stream a video file or RTSP camera through the CodecSight ensemble.
+
+It demuxes with PyAV and never decodes: compressed chunks go over gRPC, answers come back.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import threading
+
+import numpy as np
+
+from client.stream import StreamSettings, connect, run_stream
+from codecsight import protocol as P
+from codecsight.demux import iter_chunks, probe
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by codecsight-client and `codecsight demo` (same names as the server's)."""
+    parser.add_argument("--question", default="is anyone moving in the scene?",
+                        help="question answered for every window")
+    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
+    parser.add_argument("--window-seconds", type=float, default=8.0)
+    parser.add_argument("--stride-seconds", type=float, default=None,
+                        help="video per request (default: the window length)")
+    parser.add_argument("--policy", default="dense", choices=P.PATCH_POLICIES)
+    parser.add_argument("--refresh", default="full", choices=P.REFRESH_POLICIES)
+    parser.add_argument("--stream-id", default="cam-1")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="replay the source as N concurrent streams with distinct IDs")
+    parser.add_argument("--json", metavar="OUT", help="write every window's record as JSON")
+
+
+def stream_ids(base: str, count: int) -> list[str]:
+    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+
+
+def stream_all(client, source: str, args, out=sys.stdout) -> list:
+    """Replay source as args.streams concurrent streams; print each window; return all."""
+    info = probe(source)
+    settings = StreamSettings(
+        question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
+        window_seconds=args.window_seconds, policy=args.policy, refresh=args.refresh)
+    stride = args.stride_seconds or args.window_seconds
+    lock = threading.Lock()
+    print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps; "
+          f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "
+          f"analysis {args.fps:g} fps, window {args.window_seconds:g} s, stride {stride:g} s",
+          file=out, flush=True)
+
+    def show(window, chunk):
+        frames = window.llm.get("window_frame_range")
+        kept, total = window.parse["patches_kept"], window.parse["patches_total"]
+        with lock:
+            print(f"[{window.stream_id}] window {window.index:>3} "
+                  f"video {chunk.start_s:6.2f}-{chunk.end_s:6.2f} s "
+                  f"frames {frames} kept {kept}/{total} patches, "
+                  f"prefilled {window.llm.get('tokens_prefilled', 0)} tokens, "
+                  f"{window.latency_s * 1000:7.1f} ms  answer: {window.answer!r}",
+                  file=out, flush=True)
+
+    ids = stream_ids(args.stream_id, args.streams)
+    with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+        futures = [pool.submit(run_stream, client, sid, settings,
+                               iter_chunks(source, stride), show) for sid in ids]
+        results = [f.result() for f in futures]
+    summarize(results, info, out)
+    return results
+
+
+def summarize(results: list, info, out=sys.stdout) -> dict:
+    """Print and return totals: bytes sent against raw RGB, patches kept, latency."""
+    windows = [w for stream in results for w in stream]
+    sampled = sum(w.parse["frames_sampled"] for w in windows)
+    summary = {
+        "streams": len(results), "windows": len(windows), "frames_sampled": sampled,
+        "bytes_sent": sum(w.bytes_sent for w in windows),
+        "raw_rgb_bytes": sampled * info.width * info.height * 3,
+        "patches_kept": sum(w.parse["patches_kept"] for w in windows),
+        "patches_total": sum(w.parse["patches_total"] for w in windows),
+        "tokens_prefilled": sum(w.llm.get("tokens_prefilled", 0) for w in windows),
+        "window_latency_ms_p50": float(np.percentile([w.latency_s * 1000 for w in windows], 50))
+        if windows else None,
+    }
+    if windows:
+        print(f"summary: {summary['windows']} windows over {summary['streams']} stream(s); "
+              f"sent {summary['bytes_sent'] / 1e6:.2f} MB of H.264 instead of "
+              f"{summary['raw_rgb_bytes'] / 1e6:.1f} MB of RGB frames at the analysis fps "
+              f"({summary['raw_rgb_bytes'] / max(1, summary['bytes_sent']):.0f}x less); "
+              f"ViT saw {summary['patches_kept']}/{summary['patches_total']} patches "
+              f"({100 * summary['patches_kept'] / max(1, summary['patches_total']):.0f}%); "
+              f"LLM prefilled {summary['tokens_prefilled']} tokens; "
+              f"p50 window latency {summary['window_latency_ms_p50']:.0f} ms", file=out)
+    return summary
+
+
+def write_json(path: str, results: list) -> None:
+    records = [vars(w) for stream in results for w in stream]
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="codecsight-client", description=__doc__)
+    parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--ssl", action="store_true", help="use gRPC over TLS")
+    parser.add_argument("--root-certificates", help="PEM file of the CA to trust (with --ssl)")
+    parser.add_argument("--private-key", help="client key PEM (mutual TLS)")
+    parser.add_argument("--certificate-chain", help="client certificate PEM (mutual TLS)")
+    add_stream_arguments(parser)
+    args = parser.parse_args(argv)
+    client = connect(args.url, ssl=args.ssl, root_certificates=args.root_certificates,
+                     private_key=args.private_key, certificate_chain=args.certificate_chain)
+    try:
+        results = stream_all(client, args.source, args)
+    except Exception as e:  # tritonclient raises InferenceServerException with the server's text
+        print(f"codecsight-client: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

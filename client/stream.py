@@ -1,0 +1,121 @@
+"""Send one camera stream's compressed chunks to the CodecSight ensemble over gRPC.
+
+The stream's ID is its Triton sequence ID: the first chunk carries START, the last END, so
+every composing model keeps (and frees) that stream's state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from codecsight import protocol as P
+
+ENSEMBLE = "ensemble"
+
+
+@dataclasses.dataclass
+class StreamSettings:
+    question: str
+    codec: str = "h264"
+    source_fps: float = 25.0
+    analysis_fps: float = 2.0
+    window_seconds: float = 8.0
+    policy: str = "dense"
+    refresh: str = "full"
+
+
+@dataclasses.dataclass
+class WindowResult:
+    stream_id: str
+    index: int
+    answer: str
+    latency_s: float
+    bytes_sent: int
+    parse: dict
+    llm: dict
+
+
+def connect(url: str, *, ssl: bool = False, root_certificates: str | None = None,
+            private_key: str | None = None, certificate_chain: str | None = None):
+    """A tritonclient gRPC client; TLS when ssl (certificate paths as in tritonclient)."""
+    return grpcclient.InferenceServerClient(
+        url, ssl=ssl, root_certificates=root_certificates, private_key=private_key,
+        certificate_chain=certificate_chain)
+
+
+def _input(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+def _fp32(value: float) -> np.ndarray:
+    return np.array([[value]], dtype=np.float32)
+
+
+class StreamClient:
+    """One stream: call send() for each chunk in order; the first is START, last=True is END."""
+
+    def __init__(self, client, stream_id: str, settings: StreamSettings, timeout_s: float = 600):
+        if not P.STREAM_ID_PATTERN.match(stream_id):
+            raise ValueError(f"invalid stream ID {stream_id!r}: use 1-128 letters, digits or "
+                             "._:- starting with a letter or digit")
+        self.client, self.stream_id, self.settings = client, stream_id, settings
+        self.timeout_s = timeout_s
+        self.started = False
+        self.windows = 0
+        self.bytes_sent = 0
+
+    def inputs(self, chunk: bytes) -> list[grpcclient.InferInput]:
+        s = self.settings
+        return [
+            _input(P.CHUNK, np.frombuffer(chunk, dtype=np.uint8)[None], "UINT8"),
+            _input(P.CODEC, P.bytes_scalar(s.codec), "BYTES"),
+            _input(P.SOURCE_FPS, _fp32(s.source_fps), "FP32"),
+            _input(P.ANALYSIS_FPS, _fp32(s.analysis_fps), "FP32"),
+            _input(P.POLICY, P.bytes_scalar(s.policy), "BYTES"),
+            _input(P.REFRESH, P.bytes_scalar(s.refresh), "BYTES"),
+            _input(P.WINDOW_SECONDS, _fp32(s.window_seconds), "FP32"),
+            _input(P.QUESTION, P.bytes_scalar(s.question), "BYTES"),
+        ]
+
+    def send(self, chunk: bytes, last: bool = False) -> WindowResult:
+        """Send one chunk; returns the window's answer and the models' statistics."""
+        outputs = [grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS]
+        t_start = time.perf_counter()
+        result = self.client.infer(
+            ENSEMBLE, self.inputs(chunk), outputs=outputs, sequence_id=self.stream_id,
+            sequence_start=not self.started, sequence_end=last,
+            client_timeout=self.timeout_s)
+        latency = time.perf_counter() - t_start
+        self.started = True
+        self.bytes_sent += len(chunk)
+        window = WindowResult(
+            stream_id=self.stream_id, index=self.windows,
+            answer=P.read_string(result.as_numpy(P.ANSWER)), latency_s=latency,
+            bytes_sent=len(chunk),
+            parse=json.loads(P.read_string(result.as_numpy(P.PARSE_STATS))),
+            llm=json.loads(P.read_string(result.as_numpy(P.LLM_STATS))))
+        self.windows += 1
+        return window
+
+
+def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_window=None):
+    """Send every chunk of an iterable as one stream (END on the last); returns the windows."""
+    stream = StreamClient(client, stream_id, settings)
+    results, pending = [], None
+    for chunk in chunks:
+        if pending is not None:
+            results.append(stream.send(pending.data))
+            if on_window:
+                on_window(results[-1], pending)
+        pending = chunk
+    if pending is not None:
+        results.append(stream.send(pending.data, last=True))
+        if on_window:
+            on_window(results[-1], pending)
+    return results

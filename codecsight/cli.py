@@ -1,0 +1,144 @@
+"""codecsight: build the artifacts, serve the model repository, run the demo."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from codecsight.serve import (DEFAULT_MODEL_DIR, DEFAULT_REPOSITORY, REPO_ROOT, ServerError,
+                              TritonServer, render_repository)
+
+SAMPLE = REPO_ROOT / "media" / "car-detection.mp4"
+
+
+def say(message: str) -> None:
+    print(f"codecsight: {message}", file=sys.stderr, flush=True)
+
+
+def build(model_dir: Path = DEFAULT_MODEL_DIR, repository: Path = DEFAULT_REPOSITORY,
+          force: bool = False) -> Path:
+    """Make sure the checkpoint and the vit_pruned ONNX export exist; return the repository."""
+    from codecsight import checkpoint, vision
+
+    model_dir = Path(model_dir)
+    if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() and (
+            force or not (model_dir / "config.json").is_file()):
+        say(f"building the tiny default model in {model_dir} (seed {checkpoint.TINY_SEED})")
+        checkpoint.build_tiny(model_dir)
+    onnx_path = Path(repository) / "vit_pruned" / "1" / "model.onnx"
+    weights = model_dir / "model.safetensors"
+    stale = onnx_path.is_file() and weights.is_file() and \
+        weights.stat().st_mtime > onnx_path.stat().st_mtime
+    if force or stale or not onnx_path.is_file():
+        say(f"exporting the pruned vision tower to {onnx_path}")
+        t0 = time.perf_counter()
+        vision.export_onnx(model_dir, onnx_path)
+        say(f"exported in {time.perf_counter() - t0:.1f} s")
+    return Path(repository)
+
+
+def prepared_repository(model_dir: str | None) -> Path:
+    """The repository to serve: the committed one, or a copy rendered for --model-dir."""
+    if model_dir is None:
+        return build()
+    dest = REPO_ROOT / ".codecsight" / "repository"
+    say(f"rendering the model repository for {model_dir} into {dest}")
+    render_repository(DEFAULT_REPOSITORY, dest, Path(model_dir))
+    return build(Path(model_dir), dest)
+
+
+def cmd_build(args) -> int:
+    if args.model_dir:
+        prepared_repository(args.model_dir)
+    else:
+        build(force=args.force)
+    return 0
+
+
+def start_server(args) -> TritonServer:
+    server = TritonServer(prepared_repository(args.model_dir), host=args.host,
+                          grpc_port=args.grpc_port, http_port=args.http_port,
+                          metrics_port=args.metrics_port, log_path=args.log)
+    say(f"starting tritonserver on {server.repository} (config: "
+        f"{server.config_name or 'default (GPU)'}); log: {server.log_path or 'temporary file'}")
+    t0 = time.perf_counter()
+    server.start(progress=say)
+    say(f"ready in {time.perf_counter() - t0:.1f} s: gRPC {server.host}:{server.grpc_port}, "
+        f"HTTP {server.host}:{server.http_port}, metrics {server.host}:{server.metrics_port}")
+    return server
+
+
+def cmd_serve(args) -> int:
+    server = start_server(args)
+    stop = {"now": False}
+
+    def on_signal(signum, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["now"] and server.process.poll() is None:
+        time.sleep(0.2)
+    code = server.process.poll()
+    say("shutting down" if code is None else f"tritonserver exited with code {code}")
+    server.stop()
+    return 0 if code in (None, 0) else 1
+
+
+def cmd_demo(args) -> int:
+    from client.cli import stream_all, write_json
+    from client.stream import connect
+
+    t0 = time.perf_counter()
+    server = start_server(args)
+    try:
+        results = stream_all(connect(server.grpc_url), str(args.source), args)
+        if args.json:
+            write_json(args.json, results)
+    finally:
+        server.stop()
+    say(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", help="local Qwen2-VL checkpoint directory "
+                        "(default: the project's tiny model)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default loopback; 0.0.0.0 exposes the server)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log", type=Path, help="tritonserver log file")
+
+
+def main(argv=None) -> int:
+    from client.cli import add_stream_arguments
+
+    parser = argparse.ArgumentParser(prog="codecsight", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="build the default model and the ONNX export")
+    p.add_argument("--model-dir", help="export for this checkpoint instead")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("serve", help="run tritonserver on the model repository")
+    add_server_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("demo", help="serve, stream the bundled clip, print answers and savings")
+    add_server_arguments(p)
+    p.add_argument("source", nargs="?", default=SAMPLE, help="video (default: bundled sample)")
+    add_stream_arguments(p)
+    p.set_defaults(func=cmd_demo, grpc_port=0, http_port=0, metrics_port=0, streams=2)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ServerError as e:
+        say(str(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Run a real tritonserver on the CodecSight model repository.
+
+Two ways to get the server binary: the tritonserver 2.51 that the `nvidia-pytriton` wheel
+bundles (assembled here into a backend directory with the Python-backend stub matching the
+running Python), or a `tritonserver` already on PATH, as in NVIDIA's Triton containers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "codecsight-tiny"
+ENSEMBLE = "ensemble"
+# Python-backend shared memory starts at 1 MB; a dense window of patches is ~100 MB.
+SHM_DEFAULT_BYTES = 64 * 1024 * 1024
+SHM_GROWTH_BYTES = 64 * 1024 * 1024
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def has_gpu() -> bool:
+    """True when an NVIDIA GPU is visible (then the TensorRT vit_pruned config is used)."""
+    if not Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def _bundled_server() -> tuple[Path, Path, Path] | None:
+    """(tritonserver, python backend dir, stub) from the nvidia-pytriton wheel, if installed."""
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        return None
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {version}; "
+                          "use Python 3.8-3.13")
+    return binary, root / "backends" / "python", stub
+
+
+def make_backend_dir(python_backend: Path, stub: Path, dest: Path) -> Path:
+    """A --backend-directory holding the Python backend with the stub beside it."""
+    target = dest / "python"
+    shutil.copytree(python_backend, target, ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
+    shutil.copy2(stub, target / stub.name)
+    return dest
+
+
+def server_env(site_packages: str | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its Python stubs: our packages and bundled libs."""
+    env = dict(os.environ)
+    site = site_packages or sysconfig.get_paths()["purelib"]
+    # The stub embeds the system libpython; PYTHONPATH is how it finds the venv's packages
+    # and this repository (an editable install's .pth is not read from PYTHONPATH).
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), site, env.get("PYTHONPATH")) if p)
+    libs = Path(site) / "nvidia_pytriton.libs"
+    if libs.is_dir():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
+    # Each model instance gets its own process; keep their thread pools from oversubscribing.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    return env
+
+
+class TritonServer:
+    """A tritonserver process on a model repository; use as a context manager."""
+
+    def __init__(self, repository: Path = DEFAULT_REPOSITORY, *, host: str = "127.0.0.1",
+                 grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
+                 config_name: str | None = None, log_path: Path | None = None,
+                 log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.config_name = config_name if config_name is not None else (
+            "" if has_gpu() else "cpu")
+        self.log_path = log_path
+        self.log_verbose = log_verbose
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        on_path = shutil.which("tritonserver")
+        bundled = _bundled_server()
+        if bundled is not None:
+            binary, python_backend, stub = bundled
+            self._tmp = tempfile.TemporaryDirectory(prefix="codecsight-backends-")
+            backend_args = ["--backend-directory",
+                            str(make_backend_dir(python_backend, stub, Path(self._tmp.name)))]
+        elif on_path:
+            binary, backend_args = Path(on_path), []  # NVIDIA container: its own backends
+        else:
+            raise ServerError("no tritonserver found: install nvidia-pytriton==0.7.0 "
+                              "(scripts/setup.sh does) or run inside NVIDIA's Triton container")
+        args = [
+            str(binary), f"--model-repository={self.repository}", *backend_args,
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=none", "--exit-on-error=true", "--strict-readiness=true",
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.config_name:
+            args.append(f"--model-config-name={self.config_name}")
+        return args + list(self.extra_args)
+
+    def start(self, timeout_s: float = 300.0, progress=None) -> "TritonServer":
+        cmd = self.command()
+        if self.log_path is None:
+            self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(cmd, env=server_env(), stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout_s, progress)
+        return self
+
+    def wait_ready(self, timeout_s: float, progress=None) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        deadline, last_note = time.monotonic() + timeout_s, 0.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} "
+                                  f"while loading; last log lines:\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if client.is_server_ready() and client.is_model_ready(ENSEMBLE):
+                    return
+            if progress and time.monotonic() - last_note > 5:
+                progress(f"waiting for models to load ({self.log_path})")
+                last_note = time.monotonic()
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; last log lines:\n"
+                          f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
+    """Copy a model repository with every model's `model_dir` parameter set to model_dir."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(
+        "__pycache__", "*.onnx", "*.onnx.data", "*.plan"))
+    for config_path in list(dest.glob("*/config.pbtxt")) + list(dest.glob("*/configs/*.pbtxt")):
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        if "model_dir" in config.parameters:
+            config.parameters["model_dir"].string_value = str(Path(model_dir).resolve())
+            config_path.write_text(text_format.MessageToString(config))
+    return dest

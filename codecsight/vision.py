@@ -1,0 +1,472 @@
+"""The vision side: patchify only the patches we keep, encode them with the checkpoint's ViT.
+
+One patch set is what one stream contributes to one ViT execution:
+
+    patches    float32 [N, C*T*P*P]  normalised pixels, Qwen2-VL's flat patch layout
+    positions  int64   [N, 3]        (t, h, w): sampled-frame index and patch-grid coordinates
+
+N is a multiple of the merge group (2x2 = 4 patches): every kept merge group is whole and its
+4 patches are consecutive (block-major order), because the ViT's merger turns every 4
+consecutive rows into one visual token. The encoder returns tokens float32 [N/4, hidden].
+
+The same encoder exists three ways, all computing the same function:
+`PrunedVisionEncoder` (torch, shares the checkpoint's weights), its ONNX export (the single
+source of truth for serving) and `OnnxVisionEncoder` (ONNX Runtime on CPU); the TensorRT plan
+in model_repository/vit_pruned is built from that ONNX file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from codecsight.checkpoint import Geometry
+from codecsight.protocol import PATCHES as INPUT_PATCHES
+from codecsight.protocol import POSITIONS as INPUT_POSITIONS
+from codecsight.protocol import TOKENS as OUTPUT_TOKENS
+
+# Keys of the metadata export_onnx stores in the .onnx file, so a serving process knows the
+# geometry without the checkpoint directory.
+META_PATCHES_PER_GROUP = "codecsight.patches_per_group"
+META_PATCH_DIM = "codecsight.patch_dim"
+META_VISION_HIDDEN = "codecsight.vision_hidden"
+
+# Above this the weights go to an external .onnx.data file: protobuf cannot hold 2 GiB,
+# and a real Qwen2-VL ViT (~675 M parameters, 2.7 GB in float32) is past it.
+_MAX_EMBEDDED_WEIGHT_BYTES = 1536 * 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Patchify
+
+
+def _normalisation_table(geometry: Geometry) -> np.ndarray:
+    """Normalised value of every uint8 level per channel: float32 [C, 256].
+
+    Computed with the same arithmetic as Qwen2VLImageProcessor (x * (1/255) in float64, then
+    (x - mean) / std in float32), so a table look-up reproduces its pixel values bit for bit.
+    """
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.asarray(geometry.image_mean, dtype=np.float32)[:, None]
+    std = np.asarray(geometry.image_std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean) / std
+
+
+def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
+             keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Turn the kept merge groups of still frames into ViT patches and their (t, h, w) positions.
+
+    frames: uint8 [F, H, W, 3] RGB, H and W multiples of geometry.group_pixels (28).
+    frame_ids: F ints, the stream's global sampled-frame index of each frame (becomes t).
+    keep: optional bool [F, H/28, W/28], one flag per merge group; None keeps every group.
+    Returns patches float32 [N, patch_dim] (N = 4 * kept groups) in Qwen2VLImageProcessor's
+    layout: per frame, merge groups in row-major order, inside a group its 2x2 patches in
+    row-major order, each patch flattened as (C, T, P, P) with the still frame repeated T
+    times; and positions int64 [N, 3] = (frame_ids[f], patch row, patch column).
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[3] != geometry.in_channels or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, {geometry.in_channels}] RGB, "
+                         f"got {frames.dtype} {list(frames.shape)}")
+    n_frames, height, width, channels = frames.shape
+    group, patch, merge = geometry.group_pixels, geometry.patch_size, geometry.merge_size
+    if height % group or width % group:
+        raise ValueError(f"frame size {width}x{height} is not a multiple of the {group}-pixel "
+                         "merge group: resize or crop frames to multiples of it first")
+    frame_ids = np.asarray(frame_ids, dtype=np.int64)
+    if frame_ids.shape != (n_frames,):
+        raise ValueError(f"need one frame id per frame: {n_frames} frames, "
+                         f"frame_ids of shape {list(frame_ids.shape)}")
+    groups_h, groups_w = height // group, width // group
+    if keep is None:
+        keep = np.ones((n_frames, groups_h, groups_w), dtype=bool)
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (n_frames, groups_h, groups_w):
+        raise ValueError(f"keep must be bool [F, H/{group}, W/{group}] = "
+                         f"{[n_frames, groups_h, groups_w]}, got {list(keep.shape)}")
+
+    # Index the kept groups out of a strided view, so dropped groups are never copied or
+    # normalised. nonzero() walks frame, group row, group column: block-major order.
+    frame_of, group_row, group_col = np.nonzero(keep)
+    view = frames.reshape(n_frames, groups_h, merge, patch, groups_w, merge, patch, channels)
+    view = view.transpose(0, 1, 4, 2, 5, 7, 3, 6)          # [F, gh, gw, mh, mw, C, P, P]
+    pixels = view[frame_of, group_row, group_col]           # [K, mh, mw, C, P, P] uint8
+    table = _normalisation_table(geometry)
+    values = table[np.arange(channels)[:, None, None], pixels]  # [K, mh, mw, C, P, P] float32
+    n_groups = len(frame_of)
+    # A still frame fills all T temporal slots of a patch, as Qwen2-VL does for images.
+    values = np.broadcast_to(values[:, :, :, :, None],
+                             values.shape[:4] + (geometry.temporal_patch_size,) + values.shape[4:])
+    patches = values.reshape(n_groups * geometry.patches_per_group, geometry.patch_dim)
+
+    within = np.arange(merge)
+    rows = group_row[:, None, None] * merge + within[None, :, None]   # [K, mh, 1]
+    cols = group_col[:, None, None] * merge + within[None, None, :]   # [K, 1, mw]
+    positions = np.stack(np.broadcast_arrays(
+        frame_ids[frame_of][:, None, None], rows, cols), axis=-1)       # [K, mh, mw, 3]
+    return patches, positions.reshape(-1, 3).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder (torch)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class PrunedVisionEncoder(torch.nn.Module):
+    """The checkpoint's ViT over an explicit patch set: per-segment attention at true positions.
+
+    Shares the weights of a transformers Qwen2-VL vision tower (`model.model.visual`); only
+    the wiring differs: positions come in as data instead of being derived from whole-frame
+    grids, so any subset of merge groups can be encoded, and the graph exports to ONNX with a
+    dynamic patch axis.
+    """
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.patch_embed = visual.patch_embed
+        self.blocks = visual.blocks
+        self.merger = visual.merger
+        self.rotary = visual.rotary_pos_emb
+        self.vision_hidden = visual.merger.mlp[-1].out_features
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "PrunedVisionEncoder":
+        """Load a checkpoint directory and wrap its vision tower (float32, CPU, eval mode)."""
+        from codecsight import checkpoint
+
+        model, _ = checkpoint.load(model_dir)
+        return cls(model.model.visual).eval()
+
+    def _rotary_cos_sin(self, rows_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The stock ViT's axial 2D RoPE: the same frequencies for the row and the column
+        # coordinate, concatenated (h then w) to half the head width, then repeated.
+        angles = rows_cols[..., None].float() * self.rotary.inv_freq          # [B, N, 2, hd/4]
+        angles = torch.cat((angles[..., 0, :], angles[..., 1, :]), dim=-1)     # [B, N, hd/2]
+        angles = torch.cat((angles, angles), dim=-1)[:, None]                  # [B, 1, N, hd]
+        scale = self.rotary.attention_scaling
+        return angles.cos() * scale, angles.sin() * scale
+
+    @staticmethod
+    def _attention(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                               # [B, heads, N, hd]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Encode patch sets into merged visual tokens.
+
+        patches: float32 [B, N, patch_dim]; positions: int64 [B, N, 3] = (segment, h, w).
+        Each batch item is an independent patch set, and inside it patches attend only to
+        patches of the same segment (column 0; a frame's t). Returns [B, N/4, vision_hidden].
+        A single set without the batch axis ([N, patch_dim], [N, 3]) gives [N/4, hidden].
+        """
+        if patches.dim() == 2:
+            return self(patches[None], positions[None])[0]
+        b, n, patch_dim = patches.shape
+        cos, sin = self._rotary_cos_sin(positions[..., 1:])
+        segment = positions[..., 0]
+        # Block-diagonal mask: the stock ViT attends within each frame (cu_seqlens); a mask
+        # expresses the same for any number of segments in one static graph. Additive, so it
+        # is built once for all blocks (a bool mask exports as a select plus a NaN guard inside
+        # every attention: 2x slower in ONNX Runtime). No row is fully masked: a patch always
+        # sees itself.
+        same_segment = segment[:, None, :, None] == segment[:, None, None, :]  # [B, 1, N, N]
+        mask = torch.zeros(same_segment.shape, dtype=torch.float32).masked_fill(
+            ~same_segment, float("-inf"))
+        x = self.patch_embed(patches.reshape(b * n, patch_dim)).reshape(b, n, -1)  # [B, N, embed]
+        for block in self.blocks:
+            x = x + self._attention(block.attn, block.norm1(x), cos, sin, mask)
+            x = x + block.mlp(block.norm2(x))
+        # The merger folds every 4 consecutive rows into one token; N is a multiple of 4, so
+        # groups never straddle batch items.
+        return self.merger(x).reshape(b, -1, self.vision_hidden)
+
+    @torch.inference_mode()
+    def encode(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """numpy in, numpy out: float32 [N, patch_dim], int64 [N, 3] -> float32 [N/4, hidden]."""
+        if len(patches) == 0:
+            return np.zeros((0, self.vision_hidden), dtype=np.float32)
+        tokens = self(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
+                      torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)))
+        return tokens.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export and ONNX Runtime
+
+
+def _example_batch(geometry: Geometry, batch: int, frames: int, groups_h: int, groups_w: int,
+                   kept_per_frame: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random patch sets of equal length: float32 [B, N, patch_dim], int64 [B, N, 3].
+
+    Every item keeps the same number of random merge groups per frame and uses the same t
+    values, as sets from different streams do.
+    """
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(batch):
+        pixels = rng.integers(0, 256, (frames, groups_h * geometry.group_pixels,
+                                       groups_w * geometry.group_pixels, geometry.in_channels),
+                              dtype=np.uint8)
+        keep = np.zeros((frames, groups_h * groups_w), dtype=bool)
+        for f in range(frames):
+            keep[f, rng.choice(groups_h * groups_w, kept_per_frame, replace=False)] = True
+        items.append(patchify(pixels, geometry, np.arange(frames),
+                              keep.reshape(frames, groups_h, groups_w)))
+    return np.stack([p for p, _ in items]), np.stack([q for _, q in items])
+
+
+def _renamed_axes(shape, names: Sequence[str]):
+    shape = shape.copy()
+    for axis, name in enumerate(names):
+        shape[axis] = name
+    return shape
+
+
+def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) -> Path:
+    """Export the checkpoint's PrunedVisionEncoder to ONNX with dynamic batch and patch axes.
+
+    Inputs PATCHES float32 [B, N, patch_dim] and POSITIONS int64 [B, N, 3], output TOKENS
+    float32 [B, N/4, vision_hidden]: one patch set per batch item, the layout Triton gives a
+    model with max_batch_size > 0 (the TensorRT plan is built from this file; ONNX Runtime
+    runs it with B = 1). Weights are embedded in the .onnx file unless they are too big for
+    protobuf (then next to it as <name>.data). Raises RuntimeError if ONNX Runtime disagrees
+    with torch by more than 1e-4 at batch and patch counts not used during export.
+    """
+    started = time.perf_counter()
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    geometry = Geometry.from_model_dir(model_dir)
+    print(f"[export] loading vision tower from {model_dir}", flush=True)
+    encoder = PrunedVisionEncoder.from_model_dir(model_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    embed = weight_bytes <= _MAX_EMBEDDED_WEIGHT_BYTES
+
+    # Sizes above 1 on both axes: torch.export specialises axes whose example size is 0 or 1.
+    patches, positions = _example_batch(geometry, batch=2, frames=2, groups_h=2, groups_w=3,
+                                        kept_per_frame=4, seed=0)
+    example = (torch.from_numpy(patches), torch.from_numpy(positions))
+    # N = patches_per_group * groups: stating the multiple keeps the merger's reshape to
+    # [N/4, 4*embed] valid for every N the graph accepts.
+    batch = torch.export.Dim("batch", min=1)
+    n_patches = geometry.patches_per_group * torch.export.Dim("groups", min=1)
+    axes = {0: batch, 1: n_patches}
+    print(f"[export] tracing with torch.export (opset {opset}, example {list(patches.shape)}, "
+          f"{weight_bytes / 2 ** 20:.1f} MiB of weights)", flush=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Both inputs share their axes on purpose; the exporter warns about each shared name.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec", category=FutureWarning)
+        program = torch.onnx.export(
+            encoder, example, dynamo=True, dynamic_shapes={"patches": axes, "positions": axes},
+            opset_version=opset, input_names=[INPUT_PATCHES, INPUT_POSITIONS],
+            output_names=[OUTPUT_TOKENS], verbose=False)
+    # Readable axis names in the graph (the exporter writes "4*groups" and generated ones).
+    graph = program.model.graph
+    for value in graph.inputs:
+        value.shape = _renamed_axes(value.shape, ["batch", "n_patches"])
+    graph.outputs[0].shape = _renamed_axes(graph.outputs[0].shape, ["batch", "n_tokens"])
+    program.model.metadata_props.update({
+        META_PATCHES_PER_GROUP: str(geometry.patches_per_group),
+        META_PATCH_DIM: str(geometry.patch_dim),
+        META_VISION_HIDDEN: str(geometry.vision_hidden),
+    })
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(out_path, external_data=not embed)
+    print(f"[export] wrote {out_path} ({out_path.stat().st_size / 2 ** 20:.1f} MiB"
+          f"{'' if embed else ', weights in ' + out_path.name + '.data'})", flush=True)
+
+    # Verify at batch and patch counts the trace never saw, each item against torch alone
+    # (which also proves that batch items do not see each other).
+    patches, positions = _example_batch(geometry, batch=3, frames=2, groups_h=3, groups_w=4,
+                                        kept_per_frame=7, seed=1)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run([OUTPUT_TOKENS], {INPUT_PATCHES: patches, INPUT_POSITIONS: positions})
+    expected = np.stack([encoder.encode(p, q) for p, q in zip(patches, positions)])
+    max_diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
+    if not max_diff <= 1e-4:
+        raise RuntimeError(
+            f"ONNX export of {model_dir} does not match torch: shapes {list(got.shape)} vs "
+            f"{list(expected.shape)}, max |diff| {max_diff:.3g} at B={len(patches)}, "
+            f"N={patches.shape[1]} (limit 1e-4); check the torch/onnxscript versions and do "
+            "not serve this file")
+    print(f"[export] verified with ONNX Runtime at B={len(patches)}, N={patches.shape[1]}: "
+          f"max |diff| {max_diff:.2g}; done in {time.perf_counter() - started:.1f} s", flush=True)
+    return out_path
+
+
+class OnnxVisionEncoder:
+    """The exported vision encoder in ONNX Runtime on CPU: numpy patch set in, tokens out."""
+
+    def __init__(self, path: str | Path, intra_op_threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), options,
+                                            providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in (META_PATCHES_PER_GROUP, META_PATCH_DIM, META_VISION_HIDDEN)
+                   if k not in meta]
+        if missing:
+            raise ValueError(f"{self.path} lacks metadata {missing}: it was not written by "
+                             "codecsight.vision.export_onnx; export it with that")
+        self.patches_per_group = int(meta[META_PATCHES_PER_GROUP])
+        self.patch_dim = int(meta[META_PATCH_DIM])
+        self.vision_hidden = int(meta[META_VISION_HIDDEN])
+
+    def __call__(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Encode one patch set: float32 [N, patch_dim], int64 [N, 3] -> float32 [N/4, hidden]."""
+        patches = np.asarray(patches)
+        positions = np.asarray(positions)
+        if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
+            raise ValueError(f"patches must be [N, {self.patch_dim}], got {list(patches.shape)}")
+        n = patches.shape[0]
+        if positions.shape != (n, 3):
+            raise ValueError(f"positions must be [N, 3] = [{n}, 3] (t, h, w) to match the "
+                             f"patches, got {list(positions.shape)}")
+        if n % self.patches_per_group:
+            raise ValueError(f"{n} patches is not a whole number of {self.patches_per_group}-patch "
+                             "merge groups: keep or drop whole merge groups")
+        if n == 0:
+            return np.zeros((0, self.vision_hidden), dtype=np.float32)
+        # The graph has Triton's batch axis; one set is a batch of one.
+        (tokens,) = self.session.run([OUTPUT_TOKENS], {
+            INPUT_PATCHES: np.ascontiguousarray(patches[None], dtype=np.float32),
+            INPUT_POSITIONS: np.ascontiguousarray(positions[None], dtype=np.int64),
+        })
+        return tokens[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batch packing: several streams' patch sets in one execution
+
+
+@dataclasses.dataclass
+class PatchBatch:
+    """One encoder execution: whole sets (or whole frames of an oversized set) concatenated."""
+
+    patches: np.ndarray          # float32 [n, patch_dim]
+    positions: np.ndarray        # int64 [n, 3]; column 0 renumbered: one id per (set, frame)
+    pieces: list[tuple[int, int]]  # (set index, patches) in row order; tokens follow that order
+
+
+def _frame_index(segment: np.ndarray, set_index: int) -> np.ndarray:
+    """Index of each row's frame within its set: int64 [N], 0, 0, ..., 1, 1, ..."""
+    frame = np.zeros(len(segment), dtype=np.int64)
+    frame[1:] = np.cumsum(segment[1:] != segment[:-1])
+    if len(segment) and frame[-1] + 1 != len(np.unique(segment)):
+        raise ValueError(f"patch set {set_index}: the patches of a frame (positions column 0) "
+                         "must be consecutive; produce sets with patchify")
+    return frame
+
+
+def pack_patch_sets(sets: Sequence[tuple[np.ndarray, np.ndarray]],
+                    max_patches: int) -> list[PatchBatch]:
+    """Pack patch sets into executions of at most max_patches patches each.
+
+    sets: (patches float32 [N_i, patch_dim], positions int64 [N_i, 3]) per set, e.g. one per
+    stream. Sets stay whole when they fit; a set larger than max_patches is split between
+    frames (frames attend only to themselves, so the split changes no token). Segment ids
+    are renumbered per batch so that sets sharing t values never attend to each other.
+    Raises ValueError naming the limit if one frame alone exceeds max_patches.
+    """
+    if max_patches <= 0:
+        raise ValueError(f"max_patches must be positive, got {max_patches}")
+    batches: list[PatchBatch] = []
+    patch_rows: list[np.ndarray] = []
+    position_rows: list[np.ndarray] = []
+    pieces: list[tuple[int, int]] = []
+    filled = segments = 0
+
+    def flush() -> None:
+        nonlocal patch_rows, position_rows, pieces, filled, segments
+        if pieces:
+            batches.append(PatchBatch(np.concatenate(patch_rows),
+                                      np.concatenate(position_rows), pieces))
+        patch_rows, position_rows, pieces, filled, segments = [], [], [], 0, 0
+
+    def add(set_index: int, patches: np.ndarray, positions: np.ndarray, frame: np.ndarray,
+            start: int, stop: int) -> None:
+        nonlocal filled, segments
+        renumbered = positions[start:stop].copy()
+        if stop > start:
+            # Fresh batch-local ids: frames of this set continue after every earlier segment.
+            renumbered[:, 0] = frame[start:stop] - frame[start] + segments
+            segments += int(frame[stop - 1] - frame[start]) + 1
+        patch_rows.append(patches[start:stop])
+        position_rows.append(renumbered)
+        if pieces and pieces[-1][0] == set_index:
+            pieces[-1] = (set_index, pieces[-1][1] + stop - start)
+        else:
+            pieces.append((set_index, stop - start))
+        filled += stop - start
+
+    for set_index, (patches, positions) in enumerate(sets):
+        patches, positions = np.asarray(patches), np.asarray(positions)
+        if patches.ndim != 2 or positions.shape != (len(patches), 3):
+            raise ValueError(f"patch set {set_index}: need patches [N, patch_dim] and positions "
+                             f"[N, 3], got {list(patches.shape)} and {list(positions.shape)}")
+        n = len(patches)
+        frame = _frame_index(positions[:, 0], set_index)
+        if n <= max_patches:
+            if filled + n > max_patches:
+                flush()
+            add(set_index, patches, positions, frame, 0, n)
+            continue
+        bounds = [0, *(np.flatnonzero(np.diff(frame)) + 1).tolist(), n]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b - a > max_patches:
+                raise ValueError(
+                    f"patch set {set_index}: frame t={int(positions[a, 0])} has {b - a} patches, "
+                    f"more than max_patches={max_patches} (the engine profile's maximum); raise "
+                    "max_patches or use smaller frames")
+            if filled + b - a > max_patches:
+                flush()
+            add(set_index, patches, positions, frame, a, b)
+    flush()
+    return batches
+
+
+def encode_patch_sets(encoder: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                      sets: Sequence[tuple[np.ndarray, np.ndarray]],
+                      max_patches: int) -> list[np.ndarray]:
+    """Encode many patch sets in packed executions; tokens come back per set, in set order.
+
+    encoder: numpy patch set -> tokens (OnnxVisionEncoder, PrunedVisionEncoder.encode).
+    Returns one float32 [N_i/4, hidden] array per set, equal to encoding each set alone.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in sets]
+    for batch in pack_patch_sets(sets, max_patches):
+        tokens = encoder(batch.patches, batch.positions)
+        n = len(batch.patches)
+        # The patches-per-token ratio is the merge group; read it off the result rather than
+        # assume it, and check every piece is made of whole groups.
+        per_token = n // len(tokens) if n else 1
+        start = 0
+        for set_index, n_patches in batch.pieces:
+            if n_patches % per_token:
+                raise ValueError(f"patch set {set_index}: {n_patches} patches is not a whole "
+                                 f"number of {per_token}-patch merge groups")
+            stop = start + n_patches // per_token
+            parts[set_index].append(tokens[start:stop])
+            start = stop
+    return [np.concatenate(p) for p in parts]

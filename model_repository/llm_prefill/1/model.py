@@ -1,0 +1,75 @@
+"""llm_prefill: Triton tensors in, codecsight.llm.StreamSession calls, tensors out."""
+
+import os
+import sys
+
+# The Python-backend stub embeds an isolated interpreter that ignores PYTHONPATH; `codecsight
+# serve` passes the virtualenv and this repository there, so put them first on sys.path.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+import triton_python_backend_utils as pb_utils
+
+from codecsight import backend, checkpoint
+from codecsight.llm import StreamSession, VisualLM, split_frames
+from codecsight.params import model_params, resolve_model_dir
+from codecsight.protocol import (FRAME_META, POSITIONS, QUESTION, REFRESH, REFRESH_POLICIES,
+                                 TOKENS, WINDOW_SECONDS, StreamError, check_choice)
+from codecsight.state import StreamStates
+
+DEFAULTS = {"model_dir": "../models/codecsight-tiny", "max_new_tokens": 8,
+            "max_question_tokens": 64, "state_ttl_seconds": 60.0, "max_state_bytes": 4 << 30}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.params = model_params(args["model_config"], DEFAULTS)
+        model_dir = resolve_model_dir(args["model_repository"], self.params["model_dir"])
+        model, tokenizer = checkpoint.load(model_dir)
+        self.merge_size = checkpoint.Geometry.from_model_dir(model_dir).merge_size
+        self.vlm = VisualLM(model, tokenizer, self.params["max_new_tokens"])
+        self.streams = StreamStates(self.params["state_ttl_seconds"],
+                                    self.params["max_state_bytes"], lambda s: s.nbytes)
+
+    def execute(self, requests):
+        return [self._execute_one(r) for r in requests]
+
+    def _execute_one(self, request):
+        try:
+            seq = backend.Sequence(request, pb_utils)
+            refresh = check_choice(seq.stream_id, "refresh policy",
+                                   backend.string(request, REFRESH, pb_utils), REFRESH_POLICIES)
+            question = backend.string(request, QUESTION, pb_utils)
+            n_question = len(self.vlm.question_ids(question))
+            if n_question > self.params["max_question_tokens"]:
+                raise StreamError(seq.stream_id, f"question is {n_question} tokens, over the "
+                                  f"limit of {self.params['max_question_tokens']}; shorten it")
+            if seq.start or seq.dry_run:
+                window_seconds = backend.scalar(request, WINDOW_SECONDS, pb_utils)
+                if not window_seconds > 0:
+                    raise StreamError(seq.stream_id, "WINDOW_SECONDS must be positive")
+                session = StreamSession(window_seconds)
+                if seq.start:
+                    self.streams.start(seq.stream_id, session)
+            else:
+                session = self.streams.get(seq.stream_id)
+            try:
+                frames = split_frames(backend.array(request, TOKENS, pb_utils),
+                                      backend.array(request, POSITIONS, pb_utils),
+                                      backend.array(request, FRAME_META, pb_utils),
+                                      self.merge_size)
+                answer, stats = session.step(self.vlm, frames, question, refresh)
+            finally:
+                if seq.end:
+                    self.streams.end(seq.stream_id)
+            stats.update(stream=seq.stream_id, active_streams=len(self.streams),
+                         state_bytes=session.nbytes)
+            return backend.response(pb_utils, ANSWER=answer.text if answer else "",
+                                    LLM_STATS=stats)
+        except StreamError as e:
+            return backend.error(pb_utils, f"llm_prefill: {e}")
+        except Exception as e:  # one bad request must never take the model down
+            return backend.error(pb_utils, f"llm_prefill: stream "
+                                 f"{request.correlation_id()!r}: {type(e).__name__}: {e}")
+
+    def finalize(self):
+        self.streams = None

@@ -1,0 +1,314 @@
+"""Server-side decoding: StreamDecoder, FrameSampler and pixel conversion."""
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb, padded_size
+from codecsight.demux import iter_chunks
+from codecsight.synth import Box, encode_h264, moving_boxes
+
+CAR = Path("/work/shared/media/car-detection.mp4")
+CAR_FRAMES = 377   # 30.16 s at 12.5 fps (the brief's "375" is 30 s; the file runs 30.16 s)
+needs_car = pytest.mark.skipif(not CAR.exists(), reason=f"sample video {CAR} not present")
+
+BOX = Box(x=32, y=32, width=48, height=48, vx=4, vy=2)
+
+
+def decode_all(chunks, **options):
+    decoder = StreamDecoder(**options)
+    frames = [f for chunk in chunks for f in decoder.feed(chunk)]
+    return decoder, frames + decoder.flush()
+
+
+def luma(decoded):
+    return decoded.frame.to_ndarray(format="gray")
+
+
+@pytest.fixture(scope="module")
+def car_chunks():
+    return [c.data for c in iter_chunks(str(CAR), 4.0)]
+
+
+@pytest.fixture(scope="module")
+def car_decoded(car_chunks):
+    return decode_all(car_chunks)
+
+
+@pytest.fixture(scope="module")
+def car_reference():
+    """Frames of car-detection.mp4 decoded straight from the file by PyAV."""
+    with av.open(str(CAR)) as container:
+        return list(container.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def box_clip():
+    frames, truth = moving_boxes(20, 192, 128, boxes=[BOX], seed=0)
+    return frames, truth
+
+
+# --- StreamDecoder ------------------------------------------------------------------------
+
+@needs_car
+def test_chunked_decoding_yields_every_frame_of_the_file(car_decoded, car_reference):
+    decoder, frames = car_decoded
+    assert len(car_reference) == CAR_FRAMES
+    assert len(frames) == decoder.frames_decoded == CAR_FRAMES
+    assert [f.index for f in frames] == list(range(CAR_FRAMES))
+    assert decoder.errors == 0
+    for i in (0, 1, 59, 60, 200, 376):
+        assert np.array_equal(luma(frames[i]), car_reference[i].to_ndarray(format="gray"))
+
+
+@needs_car
+def test_frame_types_follow_the_gop(car_decoded):
+    _, frames = car_decoded
+    assert [f.index for f in frames if f.pict_type == "I"] == list(range(0, CAR_FRAMES, 60))
+    assert [f.index for f in frames if f.keyframe] == list(range(0, CAR_FRAMES, 60))
+    assert {f.pict_type for f in frames} == {"I", "P"}   # Baseline: no B-frames
+
+
+@needs_car
+def test_packet_bytes_are_the_annexb_access_unit_sizes(car_decoded):
+    _, frames = car_decoded
+    with av.open(str(CAR)) as container:
+        stream = container.streams.video[0]
+        bsf = av.BitStreamFilterContext("h264_mp4toannexb", stream)
+        sizes = [out.size for p in container.demux(stream) if p.size for out in bsf.filter(p)]
+    assert [f.packet_bytes for f in frames] == sizes
+    assert frames[0].packet_bytes == 26219   # IDR with SPS/PPS in front
+
+
+@needs_car
+def test_chunk_boundaries_do_not_change_the_frames(car_decoded):
+    _, coarse = car_decoded
+    _, fine = decode_all([c.data for c in iter_chunks(str(CAR), 0.3)])
+    assert len(fine) == len(coarse)
+    assert [f.pict_type for f in fine] == [f.pict_type for f in coarse]
+    assert [f.packet_bytes for f in fine] == [f.packet_bytes for f in coarse]
+    for i in (0, 3, 4, 150, 376):   # 3|4 straddle the first 0.3 s boundary
+        assert np.array_equal(luma(fine[i]), luma(coarse[i]))
+
+
+@needs_car
+def test_feeds_cut_inside_access_units_are_buffered_by_the_parser(car_chunks, car_decoded):
+    _, whole = car_decoded
+    stream = b"".join(car_chunks[:2])
+    cuts = np.random.default_rng(0).integers(0, len(stream), 40)
+    pieces = np.split(np.frombuffer(stream, np.uint8), np.sort(cuts))
+    decoder = StreamDecoder()
+    frames = [f for p in pieces for f in decoder.feed(p.tobytes(), complete=False)]
+    frames += decoder.flush()
+    assert len(frames) == 100 and decoder.errors == 0
+    for i in (0, 49, 50, 99):
+        assert np.array_equal(luma(frames[i]), luma(whole[i]))
+
+
+@needs_car
+def test_a_complete_chunk_decodes_without_waiting_for_the_next(car_chunks):
+    decoder = StreamDecoder()
+    assert [len(decoder.feed(c)) for c in car_chunks] == [50] * 7 + [27]
+    assert decoder.flush() == []
+
+
+def test_b_frames_come_out_after_the_reorder_delay(box_clip):
+    data = encode_h264(box_clip[0], 10, gop=10, bframes=2)
+    decoder = StreamDecoder()
+    first = decoder.feed(data)
+    rest = decoder.flush()
+    # x264 signals a reorder depth of 2 (B-pyramid): 2 frames wait for more input
+    assert (len(first), len(rest)) == (18, 2)
+    frames = first + rest
+    assert "".join(f.pict_type for f in frames) == "IBBPBBPBBP" * 2
+    assert [f.index for f in frames] == list(range(20))
+    assert all(f.packet_bytes > 0 for f in frames)
+
+
+def test_motion_vectors_on_p_frames_and_not_on_i_frames(box_clip):
+    frames, truth = box_clip
+    decoder = StreamDecoder()
+    decoded = decoder.feed(encode_h264(frames, 10, gop=10)) + decoder.flush()
+    assert [f.index for f in decoded if f.pict_type == "I"] == [0, 10]
+    assert all(f.motion_vectors is None for f in decoded if f.pict_type == "I")
+    assert all(f.motion_vectors is not None and len(f.motion_vectors) > 0
+               for f in decoded if f.pict_type == "P")
+    # motion_x/y point from the block to its source in the past reference (source -1):
+    # a box moving (+4, +2) px/frame has motion (-4, -2) inside it
+    mv = decoded[5].motion_vectors
+    assert set(mv["source"]) == {-1}
+    x0, y0, x1, y1 = truth.boxes[5, 0]
+    inside = ((mv["dst_x"] > x0 + 8) & (mv["dst_x"] < x1 - 8)
+              & (mv["dst_y"] > y0 + 8) & (mv["dst_y"] < y1 - 8))
+    scale = mv["motion_scale"][inside]
+    assert inside.sum() >= 4
+    assert np.median(mv["motion_x"][inside] / scale) == -4.0
+    assert np.median(mv["motion_y"][inside] / scale) == -2.0
+
+
+def test_b_frames_are_typed_b_and_carry_motion_vectors(box_clip):
+    decoder = StreamDecoder()
+    decoded = decoder.feed(encode_h264(box_clip[0], 10, gop=10, bframes=2)) + decoder.flush()
+    b_frames = [f for f in decoded if f.pict_type == "B"]
+    assert len(b_frames) == 12
+    assert all(f.motion_vectors is not None for f in b_frames)
+
+
+def test_motion_vectors_are_not_exported_when_off(box_clip):
+    decoder = StreamDecoder(export_mvs=False)
+    decoded = decoder.feed(encode_h264(box_clip[0], 10, gop=10)) + decoder.flush()
+    assert len(decoded) == 20
+    assert all(f.motion_vectors is None for f in decoded)
+
+
+@needs_car
+def test_flipped_bytes_in_a_chunk_do_not_raise_and_are_counted(car_chunks, car_reference):
+    decoder = StreamDecoder()
+    assert len(decoder.feed(car_chunks[0])) == 50
+    damaged = bytearray(car_chunks[1])
+    middle = len(damaged) // 2
+    damaged[middle:middle + 2000] = bytes(255 - b for b in damaged[middle:middle + 2000])
+    decoder.feed(bytes(damaged))
+    assert decoder.errors >= 1 and decoder.last_error
+    errors = decoder.errors
+    # chunk 6 starts at the IDR of frame 300: decoding is whole again
+    recovered = decoder.feed(car_chunks[6])
+    assert len(recovered) == 50 and decoder.errors == errors
+    assert recovered[0].pict_type == "I"
+    assert np.array_equal(luma(recovered[0]), car_reference[300].to_ndarray(format="gray"))
+    assert np.array_equal(luma(recovered[49]), car_reference[349].to_ndarray(format="gray"))
+
+
+@needs_car
+def test_random_bytes_do_not_raise_and_are_counted(car_chunks, car_reference):
+    decoder = StreamDecoder()
+    garbage = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    assert decoder.feed(garbage) == []
+    assert decoder.errors >= 1
+    assert "Invalid data" in decoder.last_error
+    recovered = decoder.feed(car_chunks[6]) + decoder.flush()
+    assert len(recovered) == 50
+    assert np.array_equal(luma(recovered[10]), car_reference[310].to_ndarray(format="gray"))
+
+
+@needs_car
+def test_feed_takes_a_uint8_tensor_as_triton_delivers_it(car_chunks, car_decoded):
+    decoder = StreamDecoder()
+    tensor = np.frombuffer(car_chunks[0], np.uint8).reshape(1, -1)   # [batch, bytes]
+    frames = decoder.feed(tensor)
+    assert len(frames) == 50
+    assert np.array_equal(luma(frames[30]), luma(car_decoded[1][30]))
+
+
+def test_feeding_after_flush_is_refused():
+    decoder = StreamDecoder()
+    decoder.flush()
+    with pytest.raises(RuntimeError, match="flushed"):
+        decoder.feed(b"\x00\x00\x00\x01")
+
+
+@needs_car
+def test_decode_cost_with_and_without_mvs_and_loop_filter(car_chunks, capsys):
+    """Prints ms/frame (not asserted); asserts skipping the loop filter keeps the metadata."""
+    checked = (1, 100, 376)
+    results = {}
+    for name, options in [("plain", dict(export_mvs=False)),
+                          ("export_mvs", dict(export_mvs=True)),
+                          ("export_mvs+skip_loop_filter",
+                           dict(export_mvs=True, skip_loop_filter=True))]:
+        best = float("inf")
+        for _ in range(3):
+            # Frames are dropped as they come, as the server drops unsampled ones: holding
+            # hundreds of decoded pictures would time the allocator instead of the decoder.
+            decoder, types, kept = StreamDecoder(**options), [], {}
+            start = time.perf_counter()
+            for chunk in car_chunks + [None]:
+                for f in decoder.feed(chunk) if chunk is not None else decoder.flush():
+                    types.append(f.pict_type)
+                    if f.index in checked:
+                        kept[f.index] = (f.motion_vectors, luma(f))
+            best = min(best, time.perf_counter() - start)
+        results[name] = types, kept
+        with capsys.disabled():
+            print(f"\ncar-detection.mp4 768x432 decode, {name}: "
+                  f"{1000 * best / len(types):.3f} ms/frame")
+    (types, with_filter), (types_skip, without) = (results["export_mvs"],
+                                                   results["export_mvs+skip_loop_filter"])
+    assert len(types_skip) == len(types) == CAR_FRAMES
+    assert types_skip == types
+    for i in checked:
+        assert np.array_equal(without[i][0], with_filter[i][0])
+    assert not np.array_equal(without[100][1], with_filter[100][1])   # pixels do differ
+
+
+# --- FrameSampler -------------------------------------------------------------------------
+
+def sampled(source_fps, analysis_fps, num_frames):
+    sampler = FrameSampler(source_fps, analysis_fps)
+    return [i for i in range(num_frames) if sampler.is_sampled(i)]
+
+
+def test_sampler_12_5_to_2_fps_takes_the_first_frame_at_or_after_each_half_second():
+    # frame i is shown at i * 0.08 s; k * 0.5 s falls at frame 6.25 k -> ceil
+    assert sampled(12.5, 2, 101) == [0, 7, 13, 19, 25, 32, 38, 44, 50, 57, 63, 69, 75, 82,
+                                     88, 94, 100]
+
+
+def test_sampler_25_to_2_fps():
+    assert sampled(25, 2, 101) == [0, 13, 25, 38, 50, 63, 75, 88, 100]
+
+
+def test_sampler_30_to_1_fps():
+    assert sampled(30, 1, 121) == [0, 30, 60, 90, 120]
+
+
+def test_sampler_ntsc_rate_is_exact():
+    # 29.97 fps: second 34 starts at frame 1018.98, so frame 1019 (not 1020) is taken
+    expected = [0, 30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 330, 360, 390, 420, 450,
+                480, 510, 540, 570, 600, 630, 660, 690, 720, 750, 780, 810, 840, 870, 900, 930,
+                960, 990, 1019]
+    assert sampled(Fraction(30000, 1001), 1, 1020) == expected
+    assert sampled(30000 / 1001, 1, 1020) == expected
+
+
+def test_sampler_keeps_the_analysis_rate_over_an_hour():
+    assert len(sampled(12.5, 2, 45_000)) == 7200   # 3600 s x 2 fps
+
+
+@pytest.mark.parametrize("analysis_fps", [12.5, 30])
+def test_sampler_takes_every_frame_when_analysis_rate_reaches_the_source(analysis_fps):
+    assert sampled(12.5, analysis_fps, 50) == list(range(50))
+
+
+@pytest.mark.parametrize("bad", [0, -2, float("nan"), float("inf"), "fast", None])
+def test_sampler_rejects_rates_that_are_not_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="analysis_fps"):
+        FrameSampler(12.5, bad)
+    with pytest.raises(ValueError, match="source_fps"):
+        FrameSampler(bad, 2)
+
+
+def test_sampler_rejects_negative_frame_index():
+    with pytest.raises(ValueError, match="frame index"):
+        FrameSampler(25, 2).is_sampled(-1)
+
+
+# --- pixels -------------------------------------------------------------------------------
+
+def test_padded_size_rounds_up_to_whole_merge_groups():
+    assert padded_size(768, 432, 28) == (784, 448)
+    assert padded_size(56, 28, 28) == (56, 28)
+    assert padded_size(1, 1, 28) == (28, 28)
+
+
+@needs_car
+def test_frame_to_rgb_pads_bottom_and_right_with_zeros(car_decoded):
+    frame = car_decoded[1][0].frame
+    rgb = frame_to_rgb(frame, 28)
+    assert rgb.shape == (448, 784, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[:432, :768], frame.to_ndarray(format="rgb24"))
+    assert not rgb[432:].any() and not rgb[:, 768:].any()
+    assert rgb[:432, :768].mean() > 20   # real picture content, not a blank frame

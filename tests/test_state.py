@@ -1,0 +1,64 @@
+import pytest
+
+from codecsight.protocol import StreamError
+from codecsight.state import StreamStates
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def make(ttl=10.0, cap=1000, clock=None):
+    return StreamStates(ttl, cap, size_of=lambda s: s, clock=clock or Clock())
+
+
+def test_start_then_get_returns_the_state():
+    states = make()
+    states.start("cam-1", 5)
+    assert states.get("cam-1") == 5
+    assert len(states) == 1
+
+
+def test_end_frees_the_state_and_a_later_request_must_restart():
+    states = make()
+    states.start("cam-1", 5)
+    assert states.end("cam-1") == 5
+    assert len(states) == 0
+    with pytest.raises(StreamError, match="'cam-1'.*no state.*START"):
+        states.get("cam-1")
+
+
+def test_idle_streams_are_evicted_after_the_ttl_and_told_why():
+    clock = Clock()
+    states = make(ttl=10.0, clock=clock)
+    states.start("idle", 1)
+    states.start("busy", 1)
+    clock.now = 8.0
+    states.get("busy")
+    clock.now = 12.0
+    assert states.expire() == ["idle"]
+    assert "busy" in states
+    with pytest.raises(StreamError, match=r"'idle'.*evicted after 10 s idle.*START"):
+        states.get("idle")
+
+
+def test_least_recently_used_streams_go_first_when_over_the_byte_cap():
+    states = make(cap=250)
+    states.start("a", 100)
+    states.start("b", 100)
+    states.get("a")                 # b is now the least recently used
+    states.start("c", 100)          # 300 bytes > 250
+    assert "b" not in states and "a" in states and "c" in states
+    with pytest.raises(StreamError, match="'b'.*under 250 bytes"):
+        states.get("b")
+
+
+def test_a_repeated_start_replaces_the_state():
+    states = make()
+    states.start("cam-1", 1)
+    states.start("cam-1", 2)
+    assert states.get("cam-1") == 2 and len(states) == 1
