@@ -83,6 +83,11 @@ class StreamClient:
             _input(P.QUESTION, P.bytes_scalar(s.question), "BYTES"),
         ]
 
+    def send_continuation(self, chunk: bytes, last: bool = False) -> WindowResult:
+        """Send a chunk as a continuation (no START), e.g. to resume a stream the server knows."""
+        self.started = True
+        return self.send(chunk, last)
+
     def send(self, chunk: bytes, last: bool = False) -> WindowResult:
         """Send one chunk; returns the window's answer and the models' statistics."""
         outputs = [grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS]

@@ -13,3 +13,23 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     """(model, tokenizer) of the tiny checkpoint."""
     return checkpoint.load(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real tritonserver (bundled with nvidia-pytriton) on the project's model repository."""
+    from codecsight.cli import build
+    from codecsight.serve import TritonServer
+
+    repository = build()
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with TritonServer(repository, log_path=log) as srv:
+        yield srv
+    print(f"tritonserver log: {log}")
+
+
+@pytest.fixture
+def grpc(server):
+    from client.stream import connect
+
+    return connect(server.grpc_url)
