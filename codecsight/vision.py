@@ -12,7 +12,9 @@ consecutive rows into one visual token. The encoder returns tokens float32 [N/4,
 The same encoder exists three ways, all computing the same function:
 `PrunedVisionEncoder` (torch, shares the checkpoint's weights), its ONNX export (the single
 source of truth for serving) and `OnnxVisionEncoder` (ONNX Runtime on CPU); the TensorRT plan
-in model_repository/vit_pruned is built from that ONNX file.
+in model_repository/vit_pruned is built from that ONNX file. The ONNX graph carries Triton's
+batch axis in front ([B, N, ...], one patch set per item) because vit_pruned is served with
+max_batch_size > 0; `OnnxVisionEncoder` runs one set as B = 1.
 """
 from __future__ import annotations
 
@@ -127,8 +129,8 @@ class PrunedVisionEncoder(torch.nn.Module):
 
     Shares the weights of a transformers Qwen2-VL vision tower (`model.model.visual`); only
     the wiring differs: positions come in as data instead of being derived from whole-frame
-    grids, so any subset of merge groups can be encoded, and the graph exports to ONNX with a
-    dynamic patch axis.
+    grids, so any subset of merge groups can be encoded, and the graph exports to ONNX with
+    dynamic batch and patch axes.
     """
 
     def __init__(self, visual: torch.nn.Module):
@@ -329,6 +331,11 @@ class OnnxVisionEncoder:
         if missing:
             raise ValueError(f"{self.path} lacks metadata {missing}: it was not written by "
                              "codecsight.vision.export_onnx; export it with that")
+        ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        if ranks != {INPUT_PATCHES: 3, INPUT_POSITIONS: 3}:
+            raise ValueError(f"{self.path} has inputs {ranks}, not {INPUT_PATCHES} and "
+                             f"{INPUT_POSITIONS} with a batch axis: it is an older export; "
+                             "export it again (`codecsight build --force`)")
         self.patches_per_group = int(meta[META_PATCHES_PER_GROUP])
         self.patch_dim = int(meta[META_PATCH_DIM])
         self.vision_hidden = int(meta[META_VISION_HIDDEN])

@@ -10,8 +10,9 @@ from codecsight import checkpoint, vision
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return checkpoint.build_tiny(tmp_path_factory.mktemp("tiny"))
+def model_dir(tiny_dir):
+    """The tiny checkpoint (conftest builds it once per session with tmp_path_factory)."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +21,8 @@ def geometry(model_dir):
 
 
 @pytest.fixture(scope="session")
-def visual(model_dir):
-    model, _ = checkpoint.load(model_dir)
+def visual(tiny):
+    model, _ = tiny
     return model.model.visual
 
 

@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from codecsight import checkpoint, vision
+from codecsight import vision
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 VIT = REPOSITORY / "vit_pruned"
@@ -38,9 +38,8 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    model_dir = checkpoint.build_tiny(tmp_path_factory.mktemp("tiny"))
-    return vision.export_onnx(model_dir, tmp_path_factory.mktemp("onnx") / "model.onnx")
+def onnx_path(tiny_dir, tmp_path_factory):
+    return vision.export_onnx(tiny_dir, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")
