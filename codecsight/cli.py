@@ -62,12 +62,13 @@ def start_server(args) -> TritonServer:
     server = TritonServer(prepared_repository(args.model_dir), host=args.host,
                           grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, log_path=args.log)
-    say(f"starting tritonserver on {server.repository} (config: "
-        f"{server.config_name or 'default (GPU)'}); log: {server.log_path or 'temporary file'}")
+    say(f"starting tritonserver on {server.repository} "
+        f"(config: {server.config_name or 'default (GPU)'})")
     t0 = time.perf_counter()
     server.start(progress=say)
     say(f"ready in {time.perf_counter() - t0:.1f} s: gRPC {server.host}:{server.grpc_port}, "
-        f"HTTP {server.host}:{server.http_port}, metrics {server.host}:{server.metrics_port}")
+        f"HTTP {server.host}:{server.http_port}, metrics {server.host}:{server.metrics_port}; "
+        f"log {server.log_path}")
     return server
 
 

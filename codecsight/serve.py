@@ -199,10 +199,19 @@ class TritonServer:
 
 
 def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
-    """Copy a model repository with every model's `model_dir` parameter set to model_dir."""
+    """Copy a model repository for another checkpoint.
+
+    Sets every model's `model_dir` parameter, and the fixed trailing dims of the visual
+    tensors (patch length, token width) that the TensorRT config spells out.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    from codecsight.checkpoint import Geometry
+    from codecsight.protocol import PATCHES, TOKENS
+
+    geometry = Geometry.from_model_dir(model_dir)
+    widths = {PATCHES: geometry.patch_dim, TOKENS: geometry.vision_hidden}
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -212,5 +221,8 @@ def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
         if "model_dir" in config.parameters:
             config.parameters["model_dir"].string_value = str(Path(model_dir).resolve())
-            config_path.write_text(text_format.MessageToString(config))
+        for tensor in list(config.input) + list(config.output):
+            if tensor.name in widths and tensor.dims and tensor.dims[-1] != -1:
+                tensor.dims[-1] = widths[tensor.name]
+        config_path.write_text(text_format.MessageToString(config))
     return dest

@@ -1,0 +1,63 @@
+"""Server set-up that needs no running server: backend dir, environment, rendering."""
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from codecsight.checkpoint import Geometry
+from codecsight.serve import (DEFAULT_REPOSITORY, REPO_ROOT, TritonServer, make_backend_dir,
+                              render_repository, server_env)
+
+
+def read_config(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_backend_dir_holds_the_python_backend_and_the_matching_stub(tmp_path):
+    import sys
+
+    from codecsight.serve import _bundled_server
+
+    binary, python_backend, stub = _bundled_server()
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in str(stub)
+    backend = make_backend_dir(python_backend, stub, tmp_path) / "python"
+    assert (backend / "libtriton_python.so").is_file()
+    assert (backend / "triton_python_backend_stub").is_file()
+
+
+def test_server_environment_reaches_this_repository_and_the_bundled_libraries():
+    env = server_env()
+    assert str(REPO_ROOT) in env["PYTHONPATH"].split(":")
+    assert any(p.endswith("nvidia_pytriton.libs") for p in env["LD_LIBRARY_PATH"].split(":"))
+
+
+def test_server_binds_loopback_with_model_control_off_by_default():
+    server = TritonServer()
+    args = server.command()
+    server.stop()  # removes the temporary backend directory
+    assert "--grpc-address=127.0.0.1" in args and "--http-address=127.0.0.1" in args
+    assert "--metrics-address=127.0.0.1" in args
+    assert "--model-control-mode=none" in args
+
+
+def test_rendered_repository_points_every_model_at_the_checkpoint(tmp_path, tiny_dir):
+    out = render_repository(DEFAULT_REPOSITORY, tmp_path / "repo", tiny_dir)
+    for name in ("codec_parser", "llm_prefill"):  # the TensorRT plan needs no checkpoint
+        config = read_config(out / name / "config.pbtxt")
+        assert config.parameters["model_dir"].string_value == str(tiny_dir.resolve())
+    cpu = read_config(out / "vit_pruned" / "configs" / "cpu.pbtxt")
+    assert cpu.parameters["model_dir"].string_value == str(tiny_dir.resolve())
+    assert not list(out.rglob("*.onnx"))  # exports are rebuilt for the new checkpoint
+
+
+def test_rendering_sets_the_tensorrt_token_width_to_the_checkpoints(tmp_path, tiny_dir):
+    import json
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 1536
+    (wide / "config.json").write_text(json.dumps(config))
+    out = render_repository(DEFAULT_REPOSITORY, tmp_path / "repo", wide)
+    trt = read_config(out / "vit_pruned" / "config.pbtxt")
+    tokens = [o for o in trt.output if o.name == "TOKENS"][0]
+    assert list(tokens.dims) == [-1, 1536]
+    assert Geometry.from_model_dir(wide).vision_hidden == 1536
