@@ -105,14 +105,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 8002)) -> None:
     parser.add_argument("--model-dir", help="local Qwen2-VL checkpoint directory "
                         "(default: the project's tiny model)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback; 0.0.0.0 exposes the server)")
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    grpc, http, metrics = ports
+    parser.add_argument("--grpc-port", type=int, default=grpc, help="0: any free port")
+    parser.add_argument("--http-port", type=int, default=http, help="0: any free port")
+    parser.add_argument("--metrics-port", type=int, default=metrics, help="0: any free port")
     parser.add_argument("--log", type=Path, help="tritonserver log file")
 
 
@@ -129,10 +130,10 @@ def main(argv=None) -> int:
     add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="serve, stream the bundled clip, print answers and savings")
-    add_server_arguments(p)
+    add_server_arguments(p, ports=(0, 0, 0))  # free ports: never clash with a running server
     p.add_argument("source", nargs="?", default=SAMPLE, help="video (default: bundled sample)")
     add_stream_arguments(p)
-    p.set_defaults(func=cmd_demo, grpc_port=0, http_port=0, metrics_port=0, streams=2)
+    p.set_defaults(func=cmd_demo, streams=2)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
