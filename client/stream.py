@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
 
 ENSEMBLE = "ensemble"
+# What the server says when it no longer holds a stream's state: the sequence batcher after
+# a restart or idle timeout, or a model that evicted the stream.
+_STATE_LOST = ("must specify the START flag", "restart the stream with a START")
+
+
+def state_lost(error: InferenceServerException) -> bool:
+    return any(s in str(error) for s in _STATE_LOST)
+
+
+def unreachable(error: InferenceServerException) -> bool:
+    """The server is down or restarting (not a refusal of this request)."""
+    return "UNAVAILABLE" in str(error.status()) and "restricted" not in str(error)
+
+
+def _stderr_notice(message: str) -> None:
+    print(f"codecsight-client: {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -60,12 +78,16 @@ def _fp32(value: float) -> np.ndarray:
 class StreamClient:
     """One stream: call send() for each chunk in order; the first is START, last=True is END."""
 
-    def __init__(self, client, stream_id: str, settings: StreamSettings, timeout_s: float = 600):
+    def __init__(self, client, stream_id: str, settings: StreamSettings, timeout_s: float = 600,
+                 reconnect_s: float = 60.0, notice=_stderr_notice):
         if not P.STREAM_ID_PATTERN.match(stream_id):
             raise ValueError(f"invalid stream ID {stream_id!r}: use 1-128 letters, digits or "
                              "._:- starting with a letter or digit")
         self.client, self.stream_id, self.settings = client, stream_id, settings
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s
+        self.notice = notice
+        self.resumes = 0
         self.started = False
         self.windows = 0
         self.bytes_sent = 0
@@ -84,12 +106,44 @@ class StreamClient:
         ]
 
     def send_continuation(self, chunk: bytes, last: bool = False) -> WindowResult:
-        """Send a chunk as a continuation (no START), e.g. to resume a stream the server knows."""
+        """Send a chunk as a continuation (no START) of a stream the server already knows."""
         self.started = True
         return self.send(chunk, last)
 
+    def _send_continuation_raw(self, chunk: bytes) -> WindowResult:
+        """A continuation with no resume or retry: what a naive client would send."""
+        self.started = True
+        return self._send(chunk, False)
+
     def send(self, chunk: bytes, last: bool = False) -> WindowResult:
-        """Send one chunk; returns the window's answer and the models' statistics."""
+        """Send one chunk; returns the window's answer and the models' statistics.
+
+        If the server lost the stream's state (restart, idle eviction), the chunk is sent
+        again with START, so the stream resumes from its next decodable frame; while the
+        server is unreachable it is retried with backoff for up to reconnect_s seconds.
+        """
+        deadline, delay, resumed = None, 0.5, False
+        while True:
+            try:
+                return self._send(chunk, last)
+            except InferenceServerException as e:
+                if self.started and not resumed and state_lost(e):
+                    self.notice(f"stream {self.stream_id!r}: the server lost its state; "
+                                "resuming it with START")
+                    self.started, resumed = False, True
+                    self.resumes += 1
+                    continue
+                if not unreachable(e):
+                    raise
+                deadline = deadline or time.monotonic() + self.reconnect_s
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.notice(f"stream {self.stream_id!r}: server unreachable, retrying in "
+                            f"{delay:.1f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _send(self, chunk: bytes, last: bool) -> WindowResult:
         outputs = [grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS]
         t_start = time.perf_counter()
         result = self.client.infer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +26,10 @@ ENSEMBLE = "ensemble"
 # Python-backend shared memory starts at 1 MB; a dense window of patches is ~100 MB.
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
 SHM_GROWTH_BYTES = 64 * 1024 * 1024
+# APIs that can change the server or read its memory: only callers sending the admin key
+# header may use them. Inference, health, metadata, config and statistics stay open.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_KEY_HEADER = "admin-key"
 
 
 class ServerError(RuntimeError):
@@ -94,7 +99,8 @@ class TritonServer:
     def __init__(self, repository: Path = DEFAULT_REPOSITORY, *, host: str = "127.0.0.1",
                  grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
                  config_name: str | None = None, log_path: Path | None = None,
-                 log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+                 log_verbose: int = 0, admin_key: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
@@ -104,6 +110,8 @@ class TritonServer:
             "" if has_gpu() else "cpu")
         self.log_path = log_path
         self.log_verbose = log_verbose
+        # A fresh random key unless one is given: nobody can use the admin APIs by default.
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -133,6 +141,8 @@ class TritonServer:
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=none", "--exit-on-error=true", "--strict-readiness=true",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={self.admin_key}",
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={self.admin_key}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             f"--log-verbose={self.log_verbose}",

@@ -1,0 +1,62 @@
+"""Reliability on a real tritonserver of its own (these tests restart it)."""
+import uuid
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client.stream import StreamClient, StreamSettings, connect
+from codecsight.demux import iter_chunks, probe
+from codecsight.serve import REPO_ROOT, TritonServer, free_port
+
+pytestmark = pytest.mark.server
+
+CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
+
+
+def settings():
+    info = probe(CLIP)
+    return StreamSettings(question="is anyone moving?", codec=info.codec, source_fps=info.fps,
+                          analysis_fps=1.0, window_seconds=4.0)
+
+
+@pytest.fixture(scope="module")
+def repository():
+    from codecsight.cli import build
+
+    return build()
+
+
+def test_after_a_server_restart_the_client_resumes_its_stream_with_start(repository, tmp_path):
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    chunks = list(iter_chunks(CLIP, 4.0))[:4]
+    notices = []
+    sid = f"cam-{uuid.uuid4().hex[:6]}"
+    with TritonServer(repository, log_path=tmp_path / "first.log", **ports) as server:
+        stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,
+                              notice=notices.append)
+        before = [stream.send(c.data) for c in chunks[:2]]
+    with TritonServer(repository, log_path=tmp_path / "second.log", **ports) as server:
+        # A client that does not resume gets an error naming the stream and the fix.
+        with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*START"):
+            StreamClient(connect(server.grpc_url), sid, settings())._send_continuation_raw(
+                chunks[2].data)
+        after = [stream.send(chunks[2].data), stream.send(chunks[3].data, last=True)]
+    assert stream.resumes == 1
+    assert any("lost its state; resuming it with START" in n for n in notices)
+    assert all(w.answer for w in before + after)
+    assert after[0].parse["frames_decoded"] > 0
+    assert after[1].llm["window_frames"] > 0
+
+
+def test_admin_apis_need_the_key_and_inference_does_not(server):
+    client = connect(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_system_shared_memory_status()
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.unload_model("ensemble")
+    wrong = {"triton-grpc-protocol-admin-key": server.admin_key + "x"}
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_system_shared_memory_status(headers=wrong)
+    right = {"triton-grpc-protocol-admin-key": server.admin_key}
+    assert client.get_system_shared_memory_status(headers=right) is not None
+    assert client.is_model_ready("ensemble")
