@@ -146,9 +146,11 @@ class StreamClient:
     def _send(self, chunk: bytes, last: bool) -> WindowResult:
         outputs = [grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS]
         t_start = time.perf_counter()
+        # The request ID is the stream ID, so even errors Triton raises before any model
+        # runs (wrong dtype or shape) name the stream.
         result = self.client.infer(
-            ENSEMBLE, self.inputs(chunk), outputs=outputs, sequence_id=self.stream_id,
-            sequence_start=not self.started, sequence_end=last,
+            ENSEMBLE, self.inputs(chunk), outputs=outputs, request_id=self.stream_id,
+            sequence_id=self.stream_id, sequence_start=not self.started, sequence_end=last,
             client_timeout=self.timeout_s)
         latency = time.perf_counter() - t_start
         self.started = True
