@@ -15,7 +15,7 @@ CODEC = "CODEC"                    # BYTES [1, 1]: "h264" (others fall back, see
 SOURCE_FPS = "SOURCE_FPS"          # FP32 [1, 1]: frame rate of the camera stream
 ANALYSIS_FPS = "ANALYSIS_FPS"      # FP32 [1, 1]: frames per second the VLM looks at
 POLICY = "POLICY"                  # BYTES [1, 1]: patch policy, see PATCH_POLICIES
-REFRESH = "REFRESH"                # BYTES [1, 1]: KV refresh policy, see REFRESH_POLICIES
+REFRESH = "REFRESH"                # BYTES [1, 1]: KV refresh policy; "" keeps the current one
 WINDOW_SECONDS = "WINDOW_SECONDS"  # FP32 [1, 1]: length of the sliding window
 QUESTION = "QUESTION"              # BYTES [1, 1]: question; empty keeps the stream's last one
 
@@ -49,7 +49,7 @@ FRAME_TYPES = {"?": 0, "I": 1, "P": 2, "B": 3}
 FRAME_TYPE_NAMES = {v: k for k, v in FRAME_TYPES.items()}
 
 PATCH_POLICIES = ("dense",)
-REFRESH_POLICIES = ("full",)
+REFRESH_POLICIES = ("full", "selective")
 
 STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 

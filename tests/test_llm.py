@@ -5,7 +5,7 @@ import torch
 
 from codecsight.checkpoint import Geometry
 from codecsight.llm import StreamSession, VisualLM, Window, WindowFrame, split_frames
-from codecsight.protocol import FRAME_TYPES, META
+from codecsight.protocol import FRAME_TYPES
 from codecsight.vision import patchify
 
 GRID_H, GRID_W = 3, 4  # merge groups per frame: an 84x112 frame
@@ -107,6 +107,15 @@ def test_window_keeps_only_the_last_seconds():
     assert [f.t for f in window.frames] == [3, 4, 5, 6]  # (1000, 3000] ms
 
 
+def test_window_length_in_frames_keeps_the_last_n():
+    window = Window(frames=3)
+    window.add([make_frame(t, 500 * t) for t in range(2)])
+    dropped = window.add([make_frame(t, 500 * t) for t in range(2, 5)])
+    assert [f.t for f in dropped] == [0, 1] and [f.t for f in window.frames] == [2, 3, 4]
+    with pytest.raises(ValueError, match="seconds or in frames"):
+        Window(seconds=8.0, frames=16)
+
+
 def test_session_answers_every_window_once_it_has_a_question(tiny, tiny_dir, vlm):
     model, _ = tiny
     tokens, positions = encode(model, tiny_dir, frames_rgb(2), [0, 1])
@@ -122,3 +131,15 @@ def test_session_answers_every_window_once_it_has_a_question(tiny, tiny_dir, vlm
     assert stats["kv_bytes"] > 0
     again, _ = session.step(vlm, [], "", "full")  # keeps the question, same window
     assert again.token_ids == answer.token_ids
+
+
+def test_session_reuses_its_cache_when_frames_are_added(tiny, tiny_dir, vlm):
+    model, _ = tiny
+    tokens, positions = encode(model, tiny_dir, frames_rgb(2), [0, 1])
+    frames = split_frames(tokens, positions, frame_meta([0, 1], [12, 12]), 2)
+    session = StreamSession(window_seconds=8.0)  # selective unless told otherwise
+    session.step(vlm, frames[:1], "is anyone there?")
+    _, stats = session.step(vlm, frames[1:], "")
+    assert stats["refresh"] == "selective"
+    assert stats["tokens_reused"] == len(vlm.prefix_ids) + 12 and stats["tokens_new"] == 12
+    assert stats["kv_rows"] == len(vlm.prefix_ids) + 24

@@ -17,12 +17,18 @@ from codecsight.protocol import (FRAME_META, POSITIONS, QUESTION, REFRESH, REFRE
 from codecsight.state import StreamStates
 
 DEFAULTS = {"model_dir": "../models/codecsight-tiny", "max_new_tokens": 8,
-            "max_question_tokens": 64, "state_ttl_seconds": 60.0, "max_state_bytes": 4 << 30}
+            "max_question_tokens": 64, "state_ttl_seconds": 60.0, "max_state_bytes": 4 << 30,
+            "default_refresh": "selective", "anchor_refresh_frames": 1}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.params = model_params(args["model_config"], DEFAULTS)
+        if self.params["default_refresh"] not in REFRESH_POLICIES:
+            raise ValueError(f"llm_prefill: default_refresh {self.params['default_refresh']!r}"
+                             f" is not one of {', '.join(REFRESH_POLICIES)}")
+        if self.params["anchor_refresh_frames"] < 0:
+            raise ValueError("llm_prefill: anchor_refresh_frames must be >= 0")
         model_dir = resolve_model_dir(args["model_repository"], self.params["model_dir"])
         model, tokenizer = checkpoint.load(model_dir)
         self.merge_size = checkpoint.Geometry.from_model_dir(model_dir).merge_size
@@ -31,13 +37,18 @@ class TritonPythonModel:
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
 
     def execute(self, requests):
-        return [self._execute_one(r) for r in requests]
+        # The sequence batcher may hand us several streams at once: each is served from its
+        # own state, in order; the byte cap is enforced once their caches have grown.
+        responses = [self._execute_one(r, len(requests)) for r in requests]
+        self.streams.expire()
+        return responses
 
-    def _execute_one(self, request):
+    def _execute_one(self, request, batch_size):
         try:
             seq = backend.Sequence(request, pb_utils)
-            refresh = check_choice(seq.stream_id, "refresh policy",
-                                   backend.string(request, REFRESH, pb_utils), REFRESH_POLICIES)
+            refresh = backend.string(request, REFRESH, pb_utils)
+            if refresh:  # empty keeps the stream's policy
+                check_choice(seq.stream_id, "refresh policy", refresh, REFRESH_POLICIES)
             question = backend.string(request, QUESTION, pb_utils)
             n_question = len(self.vlm.question_ids(question))
             if n_question > self.params["max_question_tokens"]:
@@ -47,11 +58,13 @@ class TritonPythonModel:
                 window_seconds = backend.scalar(request, WINDOW_SECONDS, pb_utils)
                 if not window_seconds > 0:
                     raise StreamError(seq.stream_id, "WINDOW_SECONDS must be positive")
-                session = StreamSession(window_seconds)
+                session = StreamSession(
+                    window_seconds, refresh=refresh or self.params["default_refresh"],
+                    anchor_frames=self.params["anchor_refresh_frames"])
                 if seq.start:
                     self.streams.start(seq.stream_id, session)
             else:
-                session = self.streams.get(seq.stream_id)
+                session = self.streams.get(seq.stream_id)  # WINDOW_SECONDS is kept from START
             try:
                 frames = split_frames(backend.array(request, TOKENS, pb_utils),
                                       backend.array(request, POSITIONS, pb_utils),
@@ -62,7 +75,7 @@ class TritonPythonModel:
                 if seq.end:
                     self.streams.end(seq.stream_id)
             stats.update(stream=seq.stream_id, active_streams=len(self.streams),
-                         state_bytes=session.nbytes)
+                         state_bytes=session.nbytes, batch_size=batch_size)
             return backend.response(pb_utils, ANSWER=answer.text if answer else "",
                                     LLM_STATS=stats)
         except StreamError as e:
