@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny checkpoint built once per session (seeded, ~1 s)."""
+"""Shared fixtures: a tiny checkpoint built once per session (seeded, ~1 s), a real server."""
 import pytest
+import torch
+
+# The tests share 2 cores with tritonserver's model processes: more threads only contend.
+torch.set_num_threads(1)
 
 from codecsight import checkpoint
 

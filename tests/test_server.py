@@ -81,7 +81,7 @@ def test_end_frees_the_streams_state(grpc, solo):
     # After END the sequence batcher itself refuses a continuation, naming stream and fix.
     with pytest.raises(InferenceServerException,
                        match=rf"sequence {probe_stream.stream_id}.*must specify the START"):
-        StreamClient(grpc, probe_stream.stream_id, settings()).send_continuation(first.data)
+        StreamClient(grpc, probe_stream.stream_id, settings())._send_continuation_raw(first.data)
 
 
 def test_unknown_policy_is_refused_naming_the_stream_and_the_server_stays_up(grpc):
@@ -95,4 +95,4 @@ def test_a_chunk_without_start_for_an_unknown_stream_gets_a_clear_error(grpc):
     sid = unique("never-started")
     chunk = next(iter_chunks(CLIP, 2.0))
     with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*must specify the START"):
-        StreamClient(grpc, sid, settings()).send_continuation(chunk.data)
+        StreamClient(grpc, sid, settings())._send_continuation_raw(chunk.data)
