@@ -37,8 +37,17 @@ class StreamStates(Generic[S]):
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._states
 
-    def start(self, stream_id: str, state: S) -> S:
-        """Install fresh state for a stream (a repeated START replaces the old state)."""
+    def start(self, stream_id: str, state: S, replace: bool = False) -> S:
+        """Install fresh state for a stream; a START for an active stream is refused.
+
+        Refusing protects a live stream from a second client that reuses its ID. replace=True
+        is for models behind the one that refuses: their copy may outlive an eviction there.
+        """
+        self.expire()
+        if stream_id in self._states and not replace:
+            raise StreamError(stream_id, "a START for a stream that is already active (another "
+                              "client with the same ID?); send END first, use another ID, or "
+                              f"wait {self.ttl_s:g} s for it to expire")
         self._states.pop(stream_id, None)
         self._gone.pop(stream_id, None)
         self._states[stream_id] = state

@@ -57,8 +57,24 @@ def test_least_recently_used_streams_go_first_when_over_the_byte_cap():
         states.get("b")
 
 
-def test_a_repeated_start_replaces_the_state():
+def test_a_start_for_an_active_stream_is_refused_and_keeps_its_state():
     states = make()
     states.start("cam-1", 1)
-    states.start("cam-1", 2)
+    with pytest.raises(StreamError, match="'cam-1'.*already active.*END"):
+        states.start("cam-1", 2)
+    assert states.get("cam-1") == 1
+
+
+def test_replace_installs_fresh_state_over_an_active_stream():
+    states = make()
+    states.start("cam-1", 1)
+    states.start("cam-1", 2, replace=True)
     assert states.get("cam-1") == 2 and len(states) == 1
+
+
+def test_a_stream_can_start_again_after_it_expired():
+    clock = Clock()
+    states = make(ttl=10.0, clock=clock)
+    states.start("cam-1", 1)
+    clock.now = 11.0
+    assert states.start("cam-1", 2) == 2

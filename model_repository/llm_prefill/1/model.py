@@ -62,7 +62,9 @@ class TritonPythonModel:
                     window_seconds, refresh=refresh or self.params["default_refresh"],
                     anchor_frames=self.params["anchor_refresh_frames"])
                 if seq.start:
-                    self.streams.start(seq.stream_id, session)
+                    # codec_parser, first in the ensemble, refuses a duplicate START; a copy
+                    # here may outlive an eviction there, so a resumed stream replaces it.
+                    self.streams.start(seq.stream_id, session, replace=True)
             else:
                 session = self.streams.get(seq.stream_id)  # WINDOW_SECONDS is kept from START
             try:
