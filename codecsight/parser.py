@@ -1,17 +1,30 @@
 """What codec_parser does for one stream: decode its chunks, sample frames at the analysis
 fps, choose the patches to keep under the request's policy, and patchify only those.
+
+Every decoded frame advances the stream's pruning state (codec.macroblock_signals ->
+policy.StreamMasks), whatever the policy of the request, so policies can switch per request.
+Only sampled frames that keep at least one merge group are converted to pixels, whole-frame
+(swscale converts a 768x432 frame in ~0.15 ms; numpy YUV->RGB of only the kept groups costs
+more at every share measured, 0.25 ms at 12% kept: perf/README.md), and only the kept groups
+are normalised (`patchify(keep=...)`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
 import numpy as np
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb, padded_size
-from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META, PATCH_POLICIES
+from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb
+from codecsight.policy import POLICIES, PruningConfig, StreamMasks
+from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META
 from codecsight.vision import patchify
+
+# Codecs whose motion vectors FFmpeg exports; other streams cannot use the codec policy.
+CODEC_SIGNAL_CODECS = ("h264",)
+FALLBACK_POLICY = "evs"
 
 
 @dataclasses.dataclass
@@ -20,65 +33,142 @@ class ParseResult:
     positions: np.ndarray   # [N, 3] int64 (t, h, w) patch coordinates
     frame_meta: np.ndarray  # [F, len(FRAME_META_COLUMNS)] int64
     stats: dict
+    keep: list = dataclasses.field(default_factory=list)     # bool [grid_h, grid_w] per frame
+    refresh: list = dataclasses.field(default_factory=list)  # per frame: why kept whole, or None
 
 
 class StreamParser:
     """Per-stream decoder, sampler and patch selection."""
 
-    def __init__(self, geometry: Geometry, codec: str, source_fps: float, analysis_fps: float):
+    def __init__(self, geometry: Geometry, codec: str, source_fps: float, analysis_fps: float,
+                 policy: str = "dense", config: PruningConfig | None = None,
+                 skip_loop_filter: bool | str = False):
+        """policy: the stream's policy for requests that name none ("" or None)."""
         self.geometry = geometry
         self.codec = codec
-        self.decoder = StreamDecoder(codec, export_mvs=(codec == "h264"))
+        self.config = config or PruningConfig()
+        self.codec_signals = codec in CODEC_SIGNAL_CODECS
+        self.decoder = StreamDecoder(codec, export_mvs=self.codec_signals,
+                                     skip_loop_filter=skip_loop_filter)
         self.sampler = FrameSampler(source_fps, analysis_fps)
         self.source_fps = source_fps
+        self.policy = self._checked(policy)
+        self.masks = StreamMasks(self.config, geometry, self.codec_signals)
         self.next_t = 0            # t of the next sampled frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
 
     @property
     def nbytes(self) -> int:
-        """Rough bytes held: the decoder's reference frames (16 YUV 4:2:0 frames at most)."""
+        """Rough bytes held: the decoder's reference frames (16 YUV 4:2:0 frames at most)
+        plus the pruning state (luma and RGB of the last sampled frame)."""
         if self.frame_shape is None:
             return 1 << 20
         height, width = self.frame_shape
-        return int(height * width * 1.5 * 16)
+        return int(height * width * 1.5 * 16) + self.masks.nbytes
 
-    def parse(self, chunk: bytes, policy: str, final: bool = False) -> ParseResult:
-        """Decode a chunk (and drain the decoder when final) and emit the sampled frames."""
-        if policy not in PATCH_POLICIES:
-            raise ValueError(f"unknown policy {policy!r}")
+    @staticmethod
+    def _checked(policy: str) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+        return policy
+
+    def resolve_policy(self, requested: str | None) -> tuple[str, str | None]:
+        """(policy applied, why it differs from the one requested or None)."""
+        requested = self._checked(requested or self.policy)
+        if requested == "codec" and not self.codec_signals:
+            return FALLBACK_POLICY, (
+                f"codec-guided pruning reads H.264 motion vectors, which FFmpeg does not export "
+                f"for {self.codec}; this stream uses {FALLBACK_POLICY} instead (send H.264 to "
+                "use codec)")
+        return requested, None
+
+    def parse(self, chunk: bytes, policy: str | None = None, final: bool = False) -> ParseResult:
+        """Decode a chunk (and drain the decoder when final) and emit the sampled frames.
+
+        policy: one of policy.POLICIES; None or "" uses the stream's policy.
+        """
+        requested = policy or self.policy
+        applied, note = self.resolve_policy(requested)
         t_start = time.perf_counter()
         errors_before = self.decoder.errors
         frames = self.decoder.feed(chunk)
         if final:
             frames += self.decoder.flush()
-        sampled = [f for f in frames if self.sampler.is_sampled(f.index)]
+        t_decoded = time.perf_counter()
+        signals = self.masks.observe(frames)
+        t_signals = time.perf_counter()
+
         group = self.geometry.group_pixels
-        rows, pixels = [], []
-        for f in sampled:
-            self.frame_shape = (f.frame.height, f.frame.width)
-            padded_w, padded_h = padded_size(f.frame.width, f.frame.height, group)
-            grid_h, grid_w = padded_h // group, padded_w // group
-            pixels.append(frame_to_rgb(f.frame, group))
+        rows, pixels, keeps, all_keeps, why = [], [], [], [], []
+        refreshes = collections.Counter()
+        candidates = select_s = convert_s = 0.0
+        sampled = 0
+        for f, signal in zip(frames, signals):
+            self.masks.add(f, signal)
+            if not self.sampler.is_sampled(f.index):
+                continue
+            sampled += 1
+            self.frame_shape = (f.height, f.width)
+            t0 = time.perf_counter()
+            selection = self.masks.select(applied, f, f.index / self.source_fps)
+            t1 = time.perf_counter()
+            select_s += t1 - t0
+            keep = selection.keep
+            if selection.refresh:
+                refreshes[selection.refresh] += 1
+            candidates += selection.candidates
+            grid_h, grid_w = keep.shape
             rows.append([self.next_t, f.index, round(1000.0 * f.index / self.source_fps),
-                         FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, grid_h * grid_w])
+                         FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
+            all_keeps.append(keep)
+            why.append(selection.refresh)
+            if keep.any():
+                pixels.append(selection.rgb if selection.rgb is not None
+                              else frame_to_rgb(f.frame, group))
+                keeps.append(keep)
+            convert_s += time.perf_counter() - t1
             self.next_t += 1
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))
+        t_patchify = time.perf_counter()
         if pixels:
+            with_pixels = meta[meta[:, META["kept_groups"]] > 0]
             patches, positions = patchify(np.stack(pixels), self.geometry,
-                                          frame_ids=meta[:, META["t"]])
+                                          frame_ids=with_pixels[:, META["t"]],
+                                          keep=np.stack(keeps))
         else:
             patches = np.zeros((0, self.geometry.patch_dim), np.float32)
             positions = np.zeros((0, 3), np.int64)
-        total = int(meta[:, META["grid_h"]].dot(meta[:, META["grid_w"]])) \
-            * self.geometry.patches_per_group
+        t_end = time.perf_counter()
+        total_groups = int(meta[:, META["grid_h"]].dot(meta[:, META["grid_w"]]))
+        kept_groups = int(meta[:, META["kept_groups"]].sum())
+        codec_frames = [s for s in signals if s.intra_share is not None]
         stats = {
-            "policy": policy, "codec": self.codec, "chunk_bytes": len(chunk),
-            "frames_decoded": len(frames), "frames_sampled": len(sampled),
+            "policy": applied, "policy_requested": requested, "codec": self.codec,
+            "chunk_bytes": len(chunk),
+            "frames_decoded": len(frames), "frames_sampled": sampled,
             "frame_types": "".join(f.pict_type for f in frames),
-            "patches_kept": int(len(patches)), "patches_total": total,
+            "patches_kept": int(len(patches)),
+            "patches_total": total_groups * self.geometry.patches_per_group,
+            "groups_kept": kept_groups, "groups_total": total_groups,
+            "kept_share": kept_groups / total_groups if total_groups else None,
+            "groups_kept_per_frame": meta[:, META["kept_groups"]].tolist(),
+            "groups_flagged_by_codec": int(candidates) if applied == "codec" else None,
+            "refreshes": dict(refreshes),
+            "intra_share": float(np.mean([s.intra_share for s in codec_frames]))
+            if codec_frames else None,
+            "moving_share": float(np.mean([s.moving_share for s in codec_frames]))
+            if codec_frames else None,
             "decode_errors": self.decoder.errors - errors_before,
-            "parser_ms": (time.perf_counter() - t_start) * 1000.0,
+            "decode_ms": (t_decoded - t_start) * 1000.0,
+            "signals_ms": (t_signals - t_decoded) * 1000.0,
+            "select_ms": select_s * 1000.0,
+            "convert_ms": convert_s * 1000.0,
+            "patchify_ms": (t_end - t_patchify) * 1000.0,
+            "parser_ms": (t_end - t_start) * 1000.0,
         }
+        if note:
+            stats["policy_fallback"] = note
         if stats["decode_errors"]:
             stats["decode_error"] = self.decoder.last_error
-        return ParseResult(patches.astype(np.float32, copy=False), positions, meta, stats)
+        return ParseResult(patches.astype(np.float32, copy=False), positions, meta, stats,
+                           all_keeps, why)

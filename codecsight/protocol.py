@@ -48,7 +48,7 @@ META = {name: i for i, name in enumerate(FRAME_META_COLUMNS)}
 FRAME_TYPES = {"?": 0, "I": 1, "P": 2, "B": 3}
 FRAME_TYPE_NAMES = {v: k for k, v in FRAME_TYPES.items()}
 
-PATCH_POLICIES = ("dense",)
+PATCH_POLICIES = ("dense", "evs", "codec")
 REFRESH_POLICIES = ("full", "selective")
 
 STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

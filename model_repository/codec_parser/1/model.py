@@ -7,21 +7,23 @@ import sys
 # serve` passes the virtualenv and this repository there, so put them first on sys.path.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from codecsight import backend
 from codecsight.checkpoint import Geometry
+from codecsight.codec import LOOP_FILTER_SKIPS
 from codecsight.params import model_params, resolve_model_dir
 from codecsight.parser import StreamParser
+from codecsight.policy import PruningConfig
 from codecsight.protocol import (ANALYSIS_FPS, CHUNK, CODEC, PATCH_POLICIES, POLICY, SOURCE_FPS,
                                  StreamError, check_choice)
 from codecsight.state import StreamStates
 
 DEFAULTS = {"model_dir": "../models/codecsight-tiny", "state_ttl_seconds": 60.0,
-            "max_state_bytes": 2 << 30, "max_chunk_bytes": 32 << 20}
+            "max_state_bytes": 2 << 30, "max_chunk_bytes": 32 << 20,
+            "default_policy": "dense", "skip_loop_filter": "noref",
+            **PruningConfig.defaults()}
 
 
 class TritonPythonModel:
@@ -29,6 +31,12 @@ class TritonPythonModel:
         self.params = model_params(args["model_config"], DEFAULTS)
         model_dir = resolve_model_dir(args["model_repository"], self.params["model_dir"])
         self.geometry = Geometry.from_model_dir(model_dir)
+        self.pruning = PruningConfig.from_params(self.params)
+        for key, allowed in (("default_policy", PATCH_POLICIES),
+                             ("skip_loop_filter", LOOP_FILTER_SKIPS)):
+            if self.params[key] not in allowed:
+                raise ValueError(f"codec_parser: parameter {key}={self.params[key]!r}; "
+                                 f"use one of {', '.join(allowed)}")
         self.streams = StreamStates(self.params["state_ttl_seconds"],
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
 
@@ -44,16 +52,18 @@ class TritonPythonModel:
             if len(chunk) > self.params["max_chunk_bytes"]:
                 raise StreamError(seq.stream_id, f"chunk of {len(chunk)} bytes is over the "
                                   f"{self.params['max_chunk_bytes']}-byte cap; send smaller chunks")
-            policy = check_choice(seq.stream_id, "policy",
-                                  backend.string(request, POLICY, pb_utils), PATCH_POLICIES)
+            # An empty POLICY keeps the stream's policy (the one named at START).
+            policy = backend.string(request, POLICY, pb_utils)
+            if policy:
+                check_choice(seq.stream_id, "policy", policy, PATCH_POLICIES)
             if seq.dry_run:
-                parser = self._new_parser(seq, request)
+                parser = self._new_parser(seq, request, policy)
             elif seq.start:
-                parser = self.streams.start(seq.stream_id, self._new_parser(seq, request))
+                parser = self.streams.start(seq.stream_id, self._new_parser(seq, request, policy))
             else:
                 parser = self.streams.get(seq.stream_id)
             try:
-                result = parser.parse(chunk.tobytes(), policy, final=seq.end)
+                result = parser.parse(chunk.tobytes(), policy or None, final=seq.end)
             finally:
                 if seq.end:
                     self.streams.end(seq.stream_id)
@@ -66,12 +76,15 @@ class TritonPythonModel:
             return backend.error(pb_utils, f"codec_parser: stream "
                                  f"{request.correlation_id()!r}: {type(e).__name__}: {e}")
 
-    def _new_parser(self, seq, request):
+    def _new_parser(self, seq, request, policy):
         codec = backend.string(request, CODEC, pb_utils)
         source_fps = backend.scalar(request, SOURCE_FPS, pb_utils)
         analysis_fps = backend.scalar(request, ANALYSIS_FPS, pb_utils)
         try:
-            return StreamParser(self.geometry, codec, source_fps, analysis_fps)
+            return StreamParser(self.geometry, codec, source_fps, analysis_fps,
+                                policy=policy or self.params["default_policy"],
+                                config=self.pruning,
+                                skip_loop_filter=self.params["skip_loop_filter"])
         except ValueError as e:
             raise StreamError(seq.stream_id, str(e)) from e
 
