@@ -4,6 +4,7 @@ never imports it (it exists only inside the Triton stub).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -24,6 +25,23 @@ class Sequence:
         if not self.dry_run and not STREAM_ID_PATTERN.match(str(self.stream_id)):
             raise StreamError(str(self.stream_id)[:64], "invalid stream ID: use 1-128 letters, "
                               "digits or ._:- starting with a letter or digit")
+
+
+@contextlib.contextmanager
+def stream_state(streams, seq: Sequence, make, replace: bool = False):
+    """The request's per-stream state: made on START (a throwaway for warmup), looked up
+    otherwise (StreamError naming the stream if it has none), freed on END even on error."""
+    if seq.dry_run:
+        state = make()
+    elif seq.start:
+        state = streams.start(seq.stream_id, make(), replace=replace)
+    else:
+        state = streams.get(seq.stream_id)
+    try:
+        yield state
+    finally:
+        if seq.end and not seq.dry_run:
+            streams.end(seq.stream_id)
 
 
 def array(request, name: str, pb_utils) -> np.ndarray:

@@ -305,7 +305,7 @@ def load_model(tiny_dir, monkeypatch):
         config = {"name": "llm_prefill",
                   "parameters": {k: {"string_value": str(v)} for k, v in params.items()}}
         model = module.TritonPythonModel()
-        model.initialize({"model_config": json.dumps(config),
+        model.initialize({"model_config": json.dumps(config), "model_name": "llm_prefill",
                           "model_repository": str(path.parent.parent)})
         return model
 

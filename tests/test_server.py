@@ -71,17 +71,18 @@ def test_concurrent_streams_answer_exactly_as_alone(server, solo):
 
 
 def test_end_frees_the_streams_state(grpc, solo):
-    probe_stream = StreamClient(grpc, unique("probe"), settings())
-    first = next(iter_chunks(CLIP, 2.0))
-    window = probe_stream.send(first.data, last=True)
-    # Only this stream is alive in either stateful model while it runs: every earlier
-    # stream has ended, and this one is freed by its own END.
-    assert window.parse["active_streams"] == 0
-    assert window.llm["active_streams"] == 0
+    stream = StreamClient(grpc, unique("probe"), settings())
+    chunks = iter_chunks(CLIP, 2.0)
+    opened = stream.send(next(chunks).data)
+    closed = stream.send(next(chunks).data, last=True)
+    # Counted after each request: END took this stream out of both stateful models.
+    assert closed.parse["active_streams"] == opened.parse["active_streams"] - 1
+    assert closed.llm["active_streams"] == opened.llm["active_streams"] - 1
     # After END the sequence batcher itself refuses a continuation, naming stream and fix.
     with pytest.raises(InferenceServerException,
-                       match=rf"sequence {probe_stream.stream_id}.*must specify the START"):
-        StreamClient(grpc, probe_stream.stream_id, settings())._send_continuation_raw(first.data)
+                       match=rf"sequence {stream.stream_id}.*must specify the START"):
+        StreamClient(grpc, stream.stream_id, settings())._send_continuation_raw(
+            next(chunks).data)
 
 
 def test_unknown_policy_is_refused_naming_the_stream_and_the_server_stays_up(grpc):

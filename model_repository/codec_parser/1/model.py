@@ -7,12 +7,14 @@ import sys
 # serve` passes the virtualenv and this repository there, so put them first on sys.path.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
+import av
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from codecsight import backend
 from codecsight.checkpoint import Geometry
 from codecsight.codec import LOOP_FILTER_SKIPS
+from codecsight.metrics import ModelMetrics
 from codecsight.params import model_params, resolve_model_dir
 from codecsight.parser import StreamParser
 from codecsight.policy import PruningConfig
@@ -39,6 +41,7 @@ class TritonPythonModel:
                                  f"use one of {', '.join(allowed)}")
         self.streams = StreamStates(self.params["state_ttl_seconds"],
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
+        self.metrics = ModelMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests):
         return [self._execute_one(r) for r in requests]
@@ -56,18 +59,15 @@ class TritonPythonModel:
             policy = backend.string(request, POLICY, pb_utils)
             if policy:
                 check_choice(seq.stream_id, "policy", policy, PATCH_POLICIES)
-            if seq.dry_run:
-                parser = self._new_parser(seq, request, policy)
-            elif seq.start:
-                parser = self.streams.start(seq.stream_id, self._new_parser(seq, request, policy))
-            else:
-                parser = self.streams.get(seq.stream_id)
-            try:
+            if len(chunk) == 0 and not seq.end:
+                raise StreamError(seq.stream_id, "empty CHUNK: send at least one access unit "
+                                  "(an empty chunk is only valid with END)")
+            with backend.stream_state(self.streams, seq,
+                                      lambda: self._new_parser(seq, request, policy)) as parser:
                 result = parser.parse(chunk.tobytes(), policy or None, final=seq.end)
-            finally:
-                if seq.end:
-                    self.streams.end(seq.stream_id)
             result.stats.update(stream=seq.stream_id, active_streams=len(self.streams))
+            if not seq.dry_run:
+                self.metrics.observe_parse(result.stats, streams=self.streams)
             return backend.response(pb_utils, PATCHES=result.patches, POSITIONS=result.positions,
                                     FRAME_META=result.frame_meta, PARSE_STATS=result.stats)
         except StreamError as e:
@@ -85,6 +85,9 @@ class TritonPythonModel:
                                 policy=policy or self.params["default_policy"],
                                 config=self.pruning,
                                 skip_loop_filter=self.params["skip_loop_filter"])
+        except av.codec.codec.UnknownCodecError as e:
+            raise StreamError(seq.stream_id, f"unknown codec {codec!r}: send h264 (the codec "
+                              "policy's input) or another codec FFmpeg decodes") from e
         except ValueError as e:
             raise StreamError(seq.stream_id, str(e)) from e
 

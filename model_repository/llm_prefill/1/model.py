@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from codecsight import backend, checkpoint
 from codecsight.llm import StreamSession, VisualLM, split_frames
+from codecsight.metrics import ModelMetrics
 from codecsight.params import model_params, resolve_model_dir
 from codecsight.protocol import (FRAME_META, POSITIONS, QUESTION, REFRESH, REFRESH_POLICIES,
                                  TOKENS, WINDOW_SECONDS, StreamError, check_choice)
@@ -35,12 +36,14 @@ class TritonPythonModel:
         self.vlm = VisualLM(model, tokenizer, self.params["max_new_tokens"])
         self.streams = StreamStates(self.params["state_ttl_seconds"],
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
+        self.metrics = ModelMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests):
         # The sequence batcher may hand us several streams at once: each is served from its
         # own state, in order; the byte cap is enforced once their caches have grown.
         responses = [self._execute_one(r, len(requests)) for r in requests]
         self.streams.expire()
+        self.metrics.set_active_streams(len(self.streams))
         return responses
 
     def _execute_one(self, request, batch_size):
@@ -58,26 +61,24 @@ class TritonPythonModel:
                 window_seconds = backend.scalar(request, WINDOW_SECONDS, pb_utils)
                 if not window_seconds > 0:
                     raise StreamError(seq.stream_id, "WINDOW_SECONDS must be positive")
-                session = StreamSession(
-                    window_seconds, refresh=refresh or self.params["default_refresh"],
-                    anchor_frames=self.params["anchor_refresh_frames"])
-                if seq.start:
-                    # codec_parser, first in the ensemble, refuses a duplicate START; a copy
-                    # here may outlive an eviction there, so a resumed stream replaces it.
-                    self.streams.start(seq.stream_id, session, replace=True)
-            else:
-                session = self.streams.get(seq.stream_id)  # WINDOW_SECONDS is kept from START
-            try:
+
+            def new_session():  # WINDOW_SECONDS is read at START and kept
+                return StreamSession(window_seconds,
+                                     refresh=refresh or self.params["default_refresh"],
+                                     anchor_frames=self.params["anchor_refresh_frames"])
+
+            # codec_parser, first in the ensemble, refuses a duplicate START; a copy here may
+            # outlive an eviction there, so a resumed stream replaces it.
+            with backend.stream_state(self.streams, seq, new_session, replace=True) as session:
                 frames = split_frames(backend.array(request, TOKENS, pb_utils),
                                       backend.array(request, POSITIONS, pb_utils),
                                       backend.array(request, FRAME_META, pb_utils),
                                       self.merge_size)
                 answer, stats = session.step(self.vlm, frames, question, refresh)
-            finally:
-                if seq.end:
-                    self.streams.end(seq.stream_id)
             stats.update(stream=seq.stream_id, active_streams=len(self.streams),
                          state_bytes=session.nbytes, batch_size=batch_size)
+            if not seq.dry_run:
+                self.metrics.observe_llm(stats, streams=self.streams)
             return backend.response(pb_utils, ANSWER=answer.text if answer else "",
                                     LLM_STATS=stats)
         except StreamError as e:
