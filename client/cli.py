@@ -25,8 +25,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-seconds", type=float, default=8.0)
     parser.add_argument("--stride-seconds", type=float, default=None,
                         help="video per request (default: the window length)")
-    parser.add_argument("--policy", default="dense", choices=P.PATCH_POLICIES)
-    parser.add_argument("--refresh", default="full", choices=P.REFRESH_POLICIES)
+    parser.add_argument("--policy", default="codec", choices=P.PATCH_POLICIES,
+                        help="patch policy (dense: every patch, the reference)")
+    parser.add_argument("--refresh", default="selective", choices=P.REFRESH_POLICIES,
+                        help="KV refresh policy (full: re-prefill every window, the reference)")
     parser.add_argument("--stream-id", default="cam-1")
     parser.add_argument("--streams", type=int, default=1,
                         help="replay the source as N concurrent streams with distinct IDs")
@@ -81,6 +83,7 @@ def summarize(results: list, info, out=sys.stdout) -> dict:
         "patches_kept": sum(w.parse["patches_kept"] for w in windows),
         "patches_total": sum(w.parse["patches_total"] for w in windows),
         "tokens_prefilled": sum(w.llm.get("tokens_prefilled", 0) for w in windows),
+        "tokens_reused": sum(w.llm.get("tokens_reused", 0) for w in windows),
         "window_latency_ms_p50": float(np.percentile([w.latency_s * 1000 for w in windows], 50))
         if windows else None,
     }
@@ -91,7 +94,8 @@ def summarize(results: list, info, out=sys.stdout) -> dict:
               f"({summary['raw_rgb_bytes'] / max(1, summary['bytes_sent']):.0f}x less); "
               f"ViT saw {summary['patches_kept']}/{summary['patches_total']} patches "
               f"({100 * summary['patches_kept'] / max(1, summary['patches_total']):.0f}%); "
-              f"LLM prefilled {summary['tokens_prefilled']} tokens; "
+              f"LLM prefilled {summary['tokens_prefilled']} tokens and reused "
+              f"{summary['tokens_reused']} from its KV caches; "
               f"p50 window latency {summary['window_latency_ms_p50']:.0f} ms", file=out)
     return summary
 

@@ -15,8 +15,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
+from codecsight.demux import last_keyframe_offset
 
 ENSEMBLE = "ensemble"
+# The most video kept for resuming from the last keyframe (one GOP is far less).
+MAX_RESUME_BYTES = 16 * 1024 * 1024
 # What the server says when it no longer holds a stream's state: the sequence batcher after
 # a restart or idle timeout, or a model that evicted the stream.
 _STATE_LOST = ("must specify the START flag", "restart the stream with a START")
@@ -42,8 +45,8 @@ class StreamSettings:
     source_fps: float = 25.0
     analysis_fps: float = 2.0
     window_seconds: float = 8.0
-    policy: str = "dense"
-    refresh: str = "full"
+    policy: str = "codec"
+    refresh: str = "selective"
 
 
 @dataclasses.dataclass
@@ -89,6 +92,7 @@ class StreamClient:
         self.notice = notice
         self.resumes = 0
         self.started = False
+        self._since_keyframe = b""  # video sent since the last keyframe, to resume from
         self.windows = 0
         self.bytes_sent = 0
 
@@ -128,8 +132,12 @@ class StreamClient:
                 return self._send(chunk, last)
             except InferenceServerException as e:
                 if self.started and not resumed and state_lost(e):
+                    # A fresh decoder can only begin at a keyframe: re-send the video since
+                    # the last one ahead of this chunk, so the resumed window has frames.
                     self.notice(f"stream {self.stream_id!r}: the server lost its state; "
-                                "resuming it with START")
+                                f"resuming it with START from its last keyframe "
+                                f"({len(self._since_keyframe)} bytes re-sent)")
+                    chunk = self._since_keyframe + chunk
                     self.started, resumed = False, True
                     self.resumes += 1
                     continue
@@ -155,6 +163,9 @@ class StreamClient:
         latency = time.perf_counter() - t_start
         self.started = True
         self.bytes_sent += len(chunk)
+        keyframe = last_keyframe_offset(chunk, self.settings.codec)
+        tail = chunk[keyframe:] if keyframe >= 0 else self._since_keyframe + chunk
+        self._since_keyframe = tail if len(tail) <= MAX_RESUME_BYTES else b""
         window = WindowResult(
             stream_id=self.stream_id, index=self.windows,
             answer=P.read_string(result.as_numpy(P.ANSWER)), latency_s=latency,

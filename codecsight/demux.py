@@ -189,5 +189,24 @@ def nal_unit_types(data: bytes, codec: str = "h264") -> list[int]:
     return types
 
 
+def last_keyframe_offset(data: bytes, codec: str = "h264") -> int:
+    """Byte offset where the last keyframe's access unit starts in Annex-B data, or -1.
+
+    Keyframes carry their parameter sets in front (h264_mp4toannexb puts them there), so the
+    last H.264 SPS (HEVC VPS) starts the last access unit a fresh decoder can begin with.
+    """
+    first_type = {"h264": 7, "hevc": 32}.get(codec)
+    if first_type is None:
+        return -1
+    found, pos = -1, data.find(b"\x00\x00\x01")
+    while pos != -1 and pos + 3 < len(data):
+        header = data[pos + 3]
+        nal_type = header & 0x1F if codec == "h264" else (header >> 1) & 0x3F
+        if nal_type == first_type:
+            found = pos - 1 if pos > 0 and data[pos - 1] == 0 else pos  # 4-byte start code
+        pos = data.find(b"\x00\x00\x01", pos + 3)
+    return found
+
+
 def _has_parameter_sets(data: bytes, codec: str) -> bool:
     return PARAMETER_SET_NAL_TYPES[codec] <= set(nal_unit_types(data, codec))

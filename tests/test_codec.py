@@ -11,7 +11,7 @@ from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb, padded_s
 from codecsight.demux import iter_chunks
 from codecsight.synth import Box, encode_h264, moving_boxes
 
-CAR = Path("/work/shared/media/car-detection.mp4")
+CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
 CAR_FRAMES = 377   # 30.16 s at 12.5 fps (the brief's "375" is 30 s; the file runs 30.16 s)
 needs_car = pytest.mark.skipif(not CAR.exists(), reason=f"sample video {CAR} not present")
 

@@ -11,7 +11,7 @@ from codecsight.codec import StreamDecoder
 from codecsight.demux import iter_chunks, nal_unit_types, probe
 from codecsight.synth import encode_h264, moving_boxes
 
-CAR = Path("/work/shared/media/car-detection.mp4")
+CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
 CAR_PACKETS = 377   # video packets in car-detection.mp4 (30.16 s at 12.5 fps)
 SPS, PPS, IDR = 7, 8, 5
 VPS_HEVC, SPS_HEVC, PPS_HEVC = 32, 33, 34
@@ -160,3 +160,15 @@ def test_source_without_video_is_rejected(tmp_path):
 def test_stride_must_be_positive(generated):
     with pytest.raises(ValueError, match="stride_seconds"):
         next(iter_chunks(str(generated[0]), 0))
+
+
+def test_last_keyframe_offset_finds_where_a_fresh_decoder_can_start():
+    from codecsight.demux import last_keyframe_offset, nal_unit_types
+
+    chunks = list(iter_chunks(str(CAR), 2.0))[:4]
+    with_key, without_key = chunks[2], chunks[1]  # keyframes every 60 frames (4.8 s)
+    offset = last_keyframe_offset(with_key.data)
+    assert offset > 0 and with_key.data[offset:offset + 4] == b"\x00\x00\x00\x01"
+    assert nal_unit_types(with_key.data[offset:])[:3] == [7, 8, 5]  # SPS, PPS, IDR
+    assert last_keyframe_offset(without_key.data) == -1
+    assert last_keyframe_offset(with_key.data, codec="mpeg4") == -1

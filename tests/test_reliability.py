@@ -42,9 +42,12 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
                 chunks[2].data)
         after = [stream.send(chunks[2].data), stream.send(chunks[3].data, last=True)]
     assert stream.resumes == 1
-    assert any("lost its state; resuming it with START" in n for n in notices)
+    resumed = [n for n in notices if "lost its state; resuming it with START" in n]
+    assert resumed and "from its last keyframe" in resumed[0]
     assert all(w.answer for w in before + after)
-    assert after[0].parse["frames_decoded"] > 0
+    # The video since the last keyframe was re-sent, so the new decoder had frames at once.
+    assert after[0].parse["frames_decoded"] > after[1].parse["frames_decoded"] > 0
+    assert after[0].parse["decode_errors"] == 0
     assert after[1].llm["window_frames"] > 0
 
 

@@ -18,7 +18,8 @@ WINDOW_S = 8.0
 def settings(**overrides):
     info = probe(CLIP)
     values = dict(question="is anyone in the loading bay?", codec=info.codec,
-                  source_fps=info.fps, analysis_fps=2.0, window_seconds=WINDOW_S)
+                  source_fps=info.fps, analysis_fps=2.0, window_seconds=WINDOW_S,
+                  policy="dense", refresh="full")
     values.update(overrides)
     return StreamSettings(**values)
 

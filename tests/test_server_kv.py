@@ -32,7 +32,7 @@ def clips(tmp_path_factory):
 
 def settings(**overrides):
     values = dict(question=QUESTION, codec="h264", source_fps=FPS, analysis_fps=2.0,
-                  window_seconds=WINDOW_S, refresh="selective")
+                  window_seconds=WINDOW_S, policy="dense", refresh="selective")
     values.update(overrides)
     return StreamSettings(**values)
 

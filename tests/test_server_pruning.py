@@ -37,7 +37,8 @@ def hevc_clip(tmp_path_factory):
 def settings(path, **overrides):
     info = probe(path)
     values = dict(question="is anyone moving in the scene?", codec=info.codec,
-                  source_fps=info.fps, analysis_fps=2.0, window_seconds=4.0)
+                  source_fps=info.fps, analysis_fps=2.0, window_seconds=4.0,
+                  policy="dense", refresh="full")
     values.update(overrides)
     return StreamSettings(**values)
 
