@@ -58,10 +58,24 @@ def cmd_build(args) -> int:
     return 0
 
 
+def admin_key(path: Path) -> str:
+    """The admin-API key kept in path (mode 600), created at random on first use."""
+    import secrets
+
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+        say(f"wrote a new admin key to {path}")
+    return path.read_text().strip()
+
+
 def start_server(args) -> TritonServer:
     server = TritonServer(prepared_repository(args.model_dir), host=args.host,
                           grpc_port=args.grpc_port, http_port=args.http_port,
-                          metrics_port=args.metrics_port, log_path=args.log)
+                          metrics_port=args.metrics_port, log_path=args.log,
+                          admin_key=admin_key(args.admin_key_file))
     say(f"starting tritonserver on {server.repository} "
         f"(config: {server.config_name or 'default (GPU)'})")
     t0 = time.perf_counter()
@@ -115,11 +129,26 @@ def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 800
     parser.add_argument("--http-port", type=int, default=http, help="0: any free port")
     parser.add_argument("--metrics-port", type=int, default=metrics, help="0: any free port")
     parser.add_argument("--log", type=Path, help="tritonserver log file")
+    parser.add_argument("--admin-key-file", type=Path,
+                        default=REPO_ROOT / ".codecsight" / "admin-key",
+                        help="key for the model-repository, shared-memory, trace and logging "
+                        "APIs (gRPC header 'triton-grpc-protocol-admin-key', HTTP header "
+                        "'admin-key'); created at random if missing")
+
+
+# Subcommands whose module (and torch) is imported only when chosen: name -> (module, help).
+LIBRARY_COMMANDS = {
+    "bench": ("codecsight.bench", "every patch x refresh policy side by side through a real "
+              "tritonserver: JSON records, ratios against dense, PNG plot"),
+}
 
 
 def main(argv=None) -> int:
+    import importlib
+
     from client.cli import add_stream_arguments
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="codecsight", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build the default model and the ONNX export")
@@ -134,6 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("source", nargs="?", default=SAMPLE, help="video (default: bundled sample)")
     add_stream_arguments(p)
     p.set_defaults(func=cmd_demo, streams=2)
+    for name, (module_name, help_text) in LIBRARY_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if argv[:1] == [name]:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
