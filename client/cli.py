@@ -24,7 +24,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
     parser.add_argument("--window-seconds", type=float, default=8.0)
     parser.add_argument("--stride-seconds", type=float, default=None,
-                        help="video per request (default: the window length)")
+                        help="video per request, i.e. how often the window slides and is "
+                        "answered (default: a quarter of the window)")
     parser.add_argument("--policy", default="codec", choices=P.PATCH_POLICIES,
                         help="patch policy (dense: every patch, the reference)")
     parser.add_argument("--refresh", default="selective", choices=P.REFRESH_POLICIES,
@@ -45,7 +46,7 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
     settings = StreamSettings(
         question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
         window_seconds=args.window_seconds, policy=args.policy, refresh=args.refresh)
-    stride = args.stride_seconds or args.window_seconds
+    stride = args.stride_seconds or args.window_seconds / 4
     lock = threading.Lock()
     print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps; "
           f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "
