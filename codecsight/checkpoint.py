@@ -94,9 +94,9 @@ def tiny_config(vocab_size: int, token_ids: dict[str, int]):
 
     head_dim = 32
     text = dict(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 20.0,
                          "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
         bos_token_id=token_ids["<|im_start|>"], eos_token_id=token_ids["<|endoftext|>"],
         pad_token_id=token_ids["<|pad|>"],

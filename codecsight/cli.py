@@ -138,6 +138,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 800
 
 # Subcommands whose module (and torch) is imported only when chosen: name -> (module, help).
 LIBRARY_COMMANDS = {
+    "train": ("codecsight.train", "train the demo model on generated clips "
+              "(Micro-Batch Streaming)"),
+    "eval": ("codecsight.eval", "F1 per task and policy on held-out clips through a real "
+             "tritonserver"),
     "bench": ("codecsight.bench", "every patch x refresh policy side by side through a real "
               "tritonserver: JSON records, ratios against dense, PNG plot"),
 }

@@ -1,0 +1,416 @@
+"""Evaluation through the real Triton ensemble: F1 per task and policy on held-out clips.
+
+A held-out suite of generated clips (seeds distinct from training) is streamed through a
+real tritonserver with `client.stream.run_stream`, once per patch policy x refresh policy
+(`protocol.PATCH_POLICIES` x `protocol.REFRESH_POLICIES`, so policies added there are
+picked up). Every clip is streamed once per task: each request of that stream carries the
+question about the window it completes, and the answer is scored against the ground truth
+of exactly the frames the server's window holds (`synth.serving_windows`, checked against
+the window range the server reports). Policies are interleaved clip by clip and requests
+run one at a time, so their timings share the same conditions.
+
+Reported per policy combination: F1 and accuracy per task, patches kept, tokens prefilled,
+throughput; written as JSON, a markdown table and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from codecsight import protocol, synth
+
+# Held-out clips are EVAL_SEED_BASE + i: far from training's (train.TRAIN_SEED_BASE + ...).
+EVAL_SEED_BASE = 900_000
+
+
+def say(message: str) -> None:
+    print(f"codecsight eval: {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class EvalClip:
+    """A held-out clip: its file, the server's windows over it and one question per task."""
+
+    seed: int
+    path: Path
+    windows: list            # synth.ServedWindow per request
+    questions: list          # [window] -> list[synth.QA], one per task
+
+
+def make_suite(seeds, out_dir: Path, *, analysis_fps: float, window_seconds: float,
+               stride_seconds: float | None = None, tasks=synth.TASKS,
+               scene: synth.SceneConfig = synth.SceneConfig()) -> list[EvalClip]:
+    """Write the held-out clips to out_dir and label every serving window."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for seed in seeds:
+        path = out_dir / f"clip-{seed}.mp4"
+        truth = synth.write_clip(seed, path, scene)
+        windows = synth.serving_windows(path, analysis_fps=analysis_fps,
+                                        window_seconds=window_seconds,
+                                        stride_seconds=stride_seconds)
+        # Questions are a function of (clip seed, window), identical for every policy.
+        questions = [synth.ask(synth.window_facts(truth, w.frame_indices),
+                               np.random.default_rng([seed, 5, w.chunk]), tasks)
+                     for w in windows]
+        clips.append(EvalClip(seed, path, windows, questions))
+    return clips
+
+
+def policy_combinations(policies=None, refreshes=None) -> list[tuple[str, str]]:
+    """(patch policy, refresh policy) pairs to evaluate, dense/full first."""
+    policies = policies or protocol.PATCH_POLICIES
+    refreshes = refreshes or protocol.REFRESH_POLICIES
+    for p in policies:
+        protocol.check_choice("eval", "policy", p, protocol.PATCH_POLICIES)
+    for r in refreshes:
+        protocol.check_choice("eval", "refresh policy", r, protocol.REFRESH_POLICIES)
+    return [(p, r) for p in policies for r in refreshes]
+
+
+def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
+                analysis_fps: float, window_seconds: float,
+                stride_seconds: float | None = None) -> list[dict]:
+    """Stream one clip asking one task's questions; one record per request."""
+    from client.stream import StreamSettings, run_stream
+    from codecsight.demux import iter_chunks, probe
+
+    info = probe(str(clip.path))
+    qas = [q[task] for q in clip.questions]
+    settings = StreamSettings(question=qas[0].question, codec=info.codec,
+                              source_fps=info.fps, analysis_fps=analysis_fps,
+                              window_seconds=window_seconds, policy=policy, refresh=refresh)
+
+    def next_question(window, _chunk):
+        # The client reads settings at every send: set the question of the next window.
+        if window.index + 1 < len(qas):
+            settings.question = qas[window.index + 1].question
+
+    stream_id = f"eval-{clip.seed}-{policy}-{refresh}-{qas[0].task}"
+    results = run_stream(client, stream_id, settings,
+                         iter_chunks(str(clip.path), stride_seconds or window_seconds),
+                         on_window=next_question)
+    if len(results) != len(clip.windows):
+        raise RuntimeError(f"stream {stream_id}: {len(results)} answers for "
+                           f"{len(clip.windows)} labelled windows")
+    records = []
+    for window, served, qa in zip(results, clip.windows, qas):
+        reported = window.llm.get("window_frame_range")
+        expected = [int(served.frame_indices[0]), int(served.frame_indices[-1])] \
+            if len(served.frame_indices) else None
+        records.append({
+            "clip": clip.seed, "window": window.index, "task": qa.task, "policy": policy,
+            "refresh": refresh, "question": qa.question, "truth": qa.answer,
+            "answer": window.answer, "correct": window.answer == qa.answer,
+            "latency_s": window.latency_s,
+            "frames_sampled": window.parse["frames_sampled"],
+            "patches_kept": window.parse["patches_kept"],
+            "patches_total": window.parse["patches_total"],
+            "tokens_prefilled": window.llm.get("tokens_prefilled", 0),
+            "tokens_reused": window.llm.get("tokens_reused", 0),
+            "visual_tokens": window.llm.get("visual_tokens", 0),
+            "window_frames": window.llm.get("window_frames", 0),
+            "window_matches_labels": reported == expected
+            and window.llm.get("window_frames") == len(served.frame_indices),
+        })
+    return records
+
+
+def run_suite(client, clips: list[EvalClip], combos, *, analysis_fps: float,
+              window_seconds: float, stride_seconds: float | None = None,
+              progress=None) -> list[dict]:
+    """Every clip x policy combination x task, combinations interleaved clip by clip."""
+    records = []
+    n_tasks = len(clips[0].questions[0]) if clips and clips[0].questions else 0
+    total = len(clips) * len(combos) * n_tasks
+    done = 0
+    started = time.perf_counter()
+    for i, clip in enumerate(clips):
+        # Rotate the order per clip so no combination always runs first (warm caches, load).
+        order = combos[i % len(combos):] + combos[:i % len(combos)]
+        for policy, refresh in order:
+            for task in range(n_tasks):
+                records += stream_clip(client, clip, task, policy, refresh,
+                                       analysis_fps=analysis_fps, window_seconds=window_seconds,
+                                       stride_seconds=stride_seconds)
+                done += 1
+                if progress:
+                    progress(done, total, time.perf_counter() - started)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def f1_yes(truth: list[str], answers: list[str]) -> float | None:
+    """F1 of the "yes" class (any other answer counts as "no"); None with no yes at all."""
+    tp = sum(t == "yes" and a == "yes" for t, a in zip(truth, answers))
+    fp = sum(t != "yes" and a == "yes" for t, a in zip(truth, answers))
+    fn = sum(t == "yes" and a != "yes" for t, a in zip(truth, answers))
+    return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def macro_f1(truth: list[str], answers: list[str]) -> float | None:
+    """Mean F1 over the classes that occur in the truth (count task)."""
+    scores = []
+    for label in sorted(set(truth)):
+        tp = sum(t == label and a == label for t, a in zip(truth, answers))
+        fp = sum(t != label and a == label for t, a in zip(truth, answers))
+        fn = sum(t == label and a != label for t, a in zip(truth, answers))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else None
+
+
+def summarize(records: list[dict], combos) -> list[dict]:
+    """Per policy combination: F1/accuracy per task, patches kept, tokens, throughput."""
+    rows = []
+    for policy, refresh in combos:
+        mine = [r for r in records if r["policy"] == policy and r["refresh"] == refresh]
+        if not mine:
+            continue
+        tasks = {}
+        for task in dict.fromkeys(r["task"] for r in mine):
+            sub = [r for r in mine if r["task"] == task]
+            truth = [r["truth"] for r in sub]
+            answers = [r["answer"] for r in sub]
+            f1 = f1_yes(truth, answers) if task in synth.BINARY_TASKS else macro_f1(truth,
+                                                                                   answers)
+            tasks[task] = {
+                "f1": None if f1 is None else round(f1, 4),
+                "accuracy": round(float(np.mean([r["correct"] for r in sub])), 4),
+                "n": len(sub), "positives": sum(t == "yes" for t in truth)
+                if task in synth.BINARY_TASKS else None,
+            }
+        binary = [tasks[t]["f1"] for t in synth.BINARY_TASKS
+                  if t in tasks and tasks[t]["f1"] is not None]
+        latency = sum(r["latency_s"] for r in mine)
+        rows.append({
+            "policy": policy, "refresh": refresh, "tasks": tasks,
+            "binary_f1_mean": round(float(np.mean(binary)), 4) if binary else None,
+            "requests": len(mine),
+            "patches_kept": int(sum(r["patches_kept"] for r in mine)),
+            "patches_total": int(sum(r["patches_total"] for r in mine)),
+            "patches_kept_share": round(sum(r["patches_kept"] for r in mine)
+                                        / max(1, sum(r["patches_total"] for r in mine)), 4),
+            "tokens_prefilled": int(sum(r["tokens_prefilled"] for r in mine)),
+            "tokens_prefilled_per_window": round(float(np.mean(
+                [r["tokens_prefilled"] for r in mine])), 1),
+            "frames_per_s": round(sum(r["frames_sampled"] for r in mine) / latency, 2),
+            "windows_per_s": round(len(mine) / latency, 2),
+            "latency_ms_p50": round(float(np.percentile([r["latency_s"] for r in mine],
+                                                        50)) * 1000, 1),
+            "windows_mismatched": sum(not r["window_matches_labels"] for r in mine),
+        })
+    dense = {r["refresh"]: r for r in rows if r["policy"] == "dense"}
+    for row in rows:
+        ref = dense.get(row["refresh"]) or dense.get("full")
+        if ref is None or row is ref:
+            continue
+        row["vs_dense"] = {
+            "f1_drop": {t: round(ref["tasks"][t]["f1"] - row["tasks"][t]["f1"], 4)
+                        for t in row["tasks"] if t in ref["tasks"]
+                        and None not in (ref["tasks"][t]["f1"], row["tasks"][t]["f1"])},
+            "binary_f1_drop": None if None in (ref["binary_f1_mean"], row["binary_f1_mean"])
+            else round(ref["binary_f1_mean"] - row["binary_f1_mean"], 4),
+            "patches_kept_ratio": round(row["patches_kept"] / max(1, ref["patches_kept"]), 4),
+            "tokens_prefilled_ratio": round(row["tokens_prefilled"]
+                                            / max(1, ref["tokens_prefilled"]), 4),
+            "speedup": round(row["frames_per_s"] / ref["frames_per_s"], 3),
+        }
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The result tables: per policy combination, and the drop against dense."""
+    tasks = list(synth.TASKS)
+    head = ["policy", "refresh"] + [f"{t} F1 / acc" for t in tasks] + [
+        "binary F1 (mean)", "patches kept", "tokens prefilled / window", "frames/s",
+        "p50 ms/window"]
+    lines = [f"Held-out suite: {meta['clips']} clips (seeds {meta['seeds']}), "
+             f"{meta['windows']} windows x {len(tasks)} tasks per policy; model "
+             f"`{meta['model_dir']}`; analysis {meta['fps']:g} fps, window "
+             f"{meta['window_seconds']:g} s. F1 of \"yes\" for binary tasks, macro F1 for "
+             "count. Requests one at a time on " + meta["device"] + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["policy"], r["refresh"]]
+        for t in tasks:
+            m = r["tasks"].get(t)
+            cells.append("-" if m is None else
+                         f"{_num(m['f1'])} / {m['accuracy']:.2f}")
+        cells += [_num(r["binary_f1_mean"]), f"{100 * r['patches_kept_share']:.1f}%",
+                  f"{r['tokens_prefilled_per_window']:.0f}", f"{r['frames_per_s']:.1f}",
+                  f"{r['latency_ms_p50']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    drops = [r for r in rows if "vs_dense" in r]
+    if drops:
+        lines += ["", "Against dense (same refresh policy): F1 drop in points (positive = "
+                  "worse) at the measured compute.", "",
+                  "| policy | refresh | " + " | ".join(f"{t} drop" for t in tasks)
+                  + " | binary F1 drop | patches vs dense | tokens prefilled vs dense "
+                  "| throughput vs dense |", "|" + "---|" * (len(tasks) + 6)]
+        for r in drops:
+            v = r["vs_dense"]
+            cells = [r["policy"], r["refresh"]] + [
+                _pts(v["f1_drop"].get(t)) for t in tasks] + [
+                _pts(v["binary_f1_drop"]), f"{100 * v['patches_kept_ratio']:.0f}%",
+                f"{100 * v['tokens_prefilled_ratio']:.0f}%", f"{v['speedup']:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pts(value) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """F1 per task per policy combination, and mean binary F1 against patches kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    tasks = list(synth.TASKS)
+    width = 0.8 / max(1, len(rows))
+    for k, r in enumerate(rows):
+        values = [r["tasks"].get(t, {}).get("f1") or 0.0 for t in tasks]
+        left.bar(np.arange(len(tasks)) + k * width, values, width,
+                 label=f"{r['policy']}/{r['refresh']}")
+    left.set_xticks(np.arange(len(tasks)) + width * (len(rows) - 1) / 2)
+    left.set_xticklabels([f"{t}\n({'F1 yes' if t in synth.BINARY_TASKS else 'macro F1'})"
+                          for t in tasks])
+    left.set_ylim(0, 1)
+    left.axhline(0.8, color="grey", lw=0.8, ls="--")
+    left.set_title("F1 per task")
+    left.legend(fontsize=8)
+    for r in rows:
+        right.scatter(100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0, s=60)
+        right.annotate(f"{r['policy']}/{r['refresh']}\n{r['frames_per_s']:.0f} frames/s",
+                       (100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0),
+                       fontsize=8, xytext=(4, 4), textcoords="offset points")
+    right.set_xlabel("patches kept (% of dense)")
+    right.set_ylabel("mean binary F1")
+    right.set_xlim(0, 105)
+    right.set_ylim(0, 1)
+    right.set_title("accuracy at measured compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation run
+
+
+def evaluate(client, out_dir: Path, *, seeds, model_dir: str, analysis_fps: float = 2.0,
+             window_seconds: float = 4.0, stride_seconds: float | None = None,
+             policies=None, refreshes=None, tasks=synth.TASKS, device: str = "CPU",
+             progress=None) -> dict:
+    """Run the suite against a server (a tritonclient gRPC client); write JSON, md and PNG."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    combos = policy_combinations(policies, refreshes)
+    t0 = time.perf_counter()
+    clips = make_suite(seeds, out_dir / "clips", analysis_fps=analysis_fps,
+                       window_seconds=window_seconds, stride_seconds=stride_seconds,
+                       tasks=tasks)
+    say(f"{len(clips)} held-out clips, {sum(len(c.windows) for c in clips)} windows, "
+        f"generated in {time.perf_counter() - t0:.0f} s; policies: "
+        + ", ".join(f"{p}/{r}" for p, r in combos))
+    records = run_suite(client, clips, combos, analysis_fps=analysis_fps,
+                        window_seconds=window_seconds, stride_seconds=stride_seconds,
+                        progress=progress)
+    rows = summarize(records, combos)
+    meta = {"model_dir": str(model_dir), "clips": len(clips),
+            "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds else "-",
+            "windows": sum(len(c.windows) for c in clips), "fps": analysis_fps,
+            "window_seconds": window_seconds, "stride_seconds": stride_seconds or window_seconds,
+            "tasks": list(tasks), "device": device,
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
+    result = {"meta": meta, "policies": rows, "records": records}
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "eval.md").write_text(markdown(rows, meta))
+    plot(rows, out_dir / "eval.png")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from codecsight.serve import REPO_ROOT
+
+    parser.add_argument("--model-dir", default=str(REPO_ROOT / "models" / "codecsight-demo"),
+                        help="checkpoint to serve (default: the trained demo model)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "perf" / "out" / "eval"),
+                        help="directory for eval.json, eval.md, eval.png and the clips")
+    parser.add_argument("--clips", type=int, default=24, help="held-out clips")
+    parser.add_argument("--first-seed", type=int, default=EVAL_SEED_BASE,
+                        help="seed of the first held-out clip (training uses other seeds)")
+    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
+    parser.add_argument("--window-seconds", type=float, default=4.0)
+    parser.add_argument("--stride-seconds", type=float, default=None,
+                        help="video per request (default: the window length)")
+    parser.add_argument("--policies", help="patch policies, comma-separated (default: all)")
+    parser.add_argument("--refresh", help="refresh policies, comma-separated (default: all)")
+    parser.add_argument("--url", help="gRPC address of a running server on this model "
+                        "(default: start one)")
+    parser.add_argument("--log", type=Path, help="tritonserver log file")
+
+
+def _split(text: str | None):
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def run(args) -> int:
+    from client.stream import connect
+    from codecsight.cli import build
+    from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        say(f"no checkpoint in {model_dir}: train one with `codecsight train --out "
+            f"{model_dir}` or pass --model-dir")
+        return 1
+    seeds = range(args.first_seed, args.first_seed + args.clips)
+
+    def progress(done, total, elapsed):
+        if done == total or done % 10 == 0:
+            say(f"  streams {done}/{total} ({elapsed:.0f} s)")
+
+    kwargs = dict(seeds=seeds, model_dir=str(model_dir), analysis_fps=args.fps,
+                  window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
+                  policies=_split(args.policies), refreshes=_split(args.refresh),
+                  progress=progress)
+    if args.url:
+        result = evaluate(connect(args.url), Path(args.out), **kwargs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="codecsight-eval-repo-") as tmp:
+            repository = render_repository(DEFAULT_REPOSITORY, Path(tmp) / "repository",
+                                           model_dir)
+            build(model_dir, repository)
+            server = TritonServer(repository, log_path=args.log)
+            say(f"starting tritonserver on {repository} for {model_dir}")
+            with server:
+                device = "GPU" if not server.config_name else "CPU (ONNX Runtime ViT)"
+                result = evaluate(connect(server.grpc_url), Path(args.out), device=device,
+                                  **kwargs)
+    print(markdown(result["policies"], result["meta"]))
+    say(f"wrote {args.out}/eval.json, eval.md, eval.png "
+        f"({result['meta']['wall_seconds']:.0f} s)")
+    mismatched = sum(r["windows_mismatched"] for r in result["policies"])
+    if mismatched:
+        say(f"WARNING: {mismatched} windows held other frames than labelled")
+    return 0

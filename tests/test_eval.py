@@ -1,0 +1,112 @@
+"""Evaluation: metrics, and held-out clips streamed through a real tritonserver."""
+import json
+from pathlib import Path
+
+import pytest
+
+from codecsight import eval as ev
+from codecsight import protocol, synth
+from codecsight.serve import REPO_ROOT
+
+DEMO_MODEL = REPO_ROOT / "models" / "codecsight-demo"
+
+
+def test_f1_counts_yes_as_the_positive_class():
+    truth = ["yes", "yes", "no", "no", "yes"]
+    answers = ["yes", "no", "yes", "no", "maybe"]      # tp 1, fn 2 (one invalid), fp 1
+    assert ev.f1_yes(truth, answers) == pytest.approx(2 / (2 + 1 + 2))
+    assert ev.f1_yes(["no"], ["no"]) is None
+
+
+def test_macro_f1_averages_over_the_true_classes():
+    truth = ["one", "one", "two", "zero"]
+    answers = ["one", "two", "two", "one"]
+    # one: tp1 fp1 fn1 -> 0.5; two: tp1 fp1 fn0 -> 2/3; zero: tp0 fn1 -> 0
+    assert ev.macro_f1(truth, answers) == pytest.approx((0.5 + 2 / 3 + 0) / 3)
+
+
+def record(policy, task, truth, answer, kept=100, tokens=50, latency=0.1):
+    return {"policy": policy, "refresh": "full", "task": task, "truth": truth,
+            "answer": answer, "correct": truth == answer, "latency_s": latency,
+            "frames_sampled": 8, "patches_kept": kept, "patches_total": 100,
+            "tokens_prefilled": tokens, "window_matches_labels": True}
+
+
+def test_summary_reports_the_drop_against_dense_at_measured_compute():
+    records = [record("dense", "anomaly", t, a) for t, a in
+               [("yes", "yes"), ("yes", "yes"), ("no", "no"), ("no", "no")]]
+    records += [record("codec", "anomaly", t, a, kept=25, tokens=20, latency=0.05) for t, a in
+                [("yes", "yes"), ("yes", "no"), ("no", "no"), ("no", "no")]]
+    rows = ev.summarize(records, [("dense", "full"), ("codec", "full")])
+    dense, codec = rows
+    assert dense["tasks"]["anomaly"] == {"f1": 1.0, "accuracy": 1.0, "n": 4, "positives": 2}
+    assert codec["tasks"]["anomaly"]["f1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert codec["vs_dense"]["f1_drop"]["anomaly"] == pytest.approx(1 / 3, abs=1e-4)
+    assert codec["vs_dense"]["patches_kept_ratio"] == 0.25
+    assert codec["vs_dense"]["tokens_prefilled_ratio"] == 0.4
+    assert codec["vs_dense"]["speedup"] == pytest.approx(2.0)
+    table = ev.markdown(rows, {"model_dir": "m", "clips": 1, "seeds": "1..1", "windows": 4,
+                               "fps": 2.0, "window_seconds": 4.0, "device": "CPU"})
+    assert "| codec | full | - | - | - | 0.67 / 0.75 |" in table
+    assert "+33.3" in table and "25%" in table
+
+
+def test_every_policy_combination_is_evaluated_by_default():
+    combos = ev.policy_combinations()
+    assert combos[0] == ("dense", "full")
+    assert set(combos) == {(p, r) for p in protocol.PATCH_POLICIES
+                           for r in protocol.REFRESH_POLICIES}
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        ev.policy_combinations(["fast"])
+
+
+def test_held_out_seeds_are_not_training_seeds():
+    from codecsight import train
+
+    assert ev.EVAL_SEED_BASE > train.TRAIN_SEED_BASE + 10_000 * 10
+
+
+@pytest.mark.server
+def test_a_small_eval_through_the_real_server(grpc, server, tmp_path):
+    result = ev.evaluate(grpc, tmp_path, seeds=[ev.EVAL_SEED_BASE], model_dir="served",
+                         window_seconds=4.0, tasks=("presence", "anomaly"))
+    combos = ev.policy_combinations()
+    rows = {(r["policy"], r["refresh"]): r for r in result["policies"]}
+    assert set(rows) == set(combos)
+    windows = result["meta"]["windows"]
+    assert windows == 4                                   # a 16 s clip in 4 s windows
+    for row in rows.values():
+        assert row["requests"] == windows * 2
+        assert row["windows_mismatched"] == 0             # the server saw the labelled frames
+        assert row["frames_per_s"] > 0 and row["tokens_prefilled"] > 0
+        assert set(row["tasks"]) == {"presence", "anomaly"}
+    dense = rows[("dense", "full")]
+    assert dense["patches_kept_share"] == 1.0
+    assert dense["tokens_prefilled_per_window"] > 8 * 48  # 8 frames x 48 merged tokens
+    if ("codec", "full") in rows:
+        assert rows[("codec", "full")]["patches_kept_share"] < 1.0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert len(saved["records"]) == windows * 2 * len(combos)
+    assert "| dense | full |" in (tmp_path / "eval.md").read_text()
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
+                    reason="no trained demo model: run `codecsight train` (see TRAINING.md)")
+def test_the_trained_demo_model_reaches_f1_08_on_binary_tasks_dense(tmp_path):
+    from client.stream import connect
+    from codecsight.cli import build
+    from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
+
+    repository = render_repository(DEFAULT_REPOSITORY, tmp_path / "repository", DEMO_MODEL)
+    build(DEMO_MODEL, repository)
+    with TritonServer(repository, log_path=tmp_path / "tritonserver.log") as server:
+        result = ev.evaluate(connect(server.grpc_url), tmp_path / "eval",
+                             seeds=range(ev.EVAL_SEED_BASE, ev.EVAL_SEED_BASE + 12),
+                             model_dir=str(DEMO_MODEL), policies=["dense"],
+                             refreshes=["full"])
+    dense = result["policies"][0]
+    for task in synth.BINARY_TASKS:
+        assert dense["tasks"][task]["f1"] >= 0.8, (task, dense["tasks"][task])
