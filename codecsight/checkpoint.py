@@ -44,7 +44,7 @@ class Geometry:
     """Vision geometry of a checkpoint: patch sizes, merge size and pixel normalisation."""
 
     patch_size: int            # pixels per patch side (14 for Qwen2-VL)
-    temporal_patch_size: int   # frames per patch (2: a still frame is repeated)
+    temporal_patch_size: int   # frames per patch (2: previous sampled frame, then this one)
     merge_size: int            # patches per merge-group side (2: 2x2 patches -> 1 token)
     in_channels: int
     vision_hidden: int         # width of a merged visual token (= LLM hidden size)

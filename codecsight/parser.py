@@ -7,6 +7,11 @@ Only sampled frames that keep at least one merge group are converted to pixels, 
 (swscale converts a 768x432 frame in ~0.15 ms; numpy YUV->RGB of only the kept groups costs
 more at every share measured, 0.25 ms at 12% kept: perf/README.md), and only the kept groups
 are normalised (`patchify(keep=...)`).
+
+Each patch pairs a sampled frame with the stream's previous sampled frame in its two temporal
+slots (`patchify(previous=...)`), so a token carries the motion of its patch. The previous
+frame is converted only when the next sampled frame keeps something, and at the first sampled
+frame of a stream (or after a resolution change) a frame is paired with itself.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ class StreamParser:
         self.masks = StreamMasks(self.config, geometry, self.codec_signals)
         self.next_t = 0            # t of the next sampled frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
+        self._previous = None      # [decoded frame, its RGB or None] of the last sampled frame
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +70,17 @@ class StreamParser:
         if self.frame_shape is None:
             return 1 << 20
         height, width = self.frame_shape
-        return int(height * width * 1.5 * 16) + self.masks.nbytes
+        return int(height * width * (1.5 * 16 + 3)) + self.masks.nbytes
+
+    def _previous_rgb(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB of the previous sampled frame, converted now if it was not; rgb itself at the
+        stream's first sampled frame or when the frame size changed."""
+        if self._previous is None:
+            return rgb
+        frame, previous = self._previous
+        if previous is None:
+            previous = self._previous[1] = frame_to_rgb(frame.frame, self.geometry.group_pixels)
+        return previous if previous.shape == rgb.shape else rgb
 
     @staticmethod
     def _checked(policy: str) -> str:
@@ -99,7 +115,7 @@ class StreamParser:
         t_signals = time.perf_counter()
 
         group = self.geometry.group_pixels
-        rows, pixels, keeps, all_keeps, why = [], [], [], [], []
+        rows, pixels, previous, keeps, all_keeps, why = [], [], [], [], [], []
         refreshes = collections.Counter()
         candidates = select_s = convert_s = 0.0
         sampled = 0
@@ -122,10 +138,13 @@ class StreamParser:
                          FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
             why.append(selection.refresh)
+            rgb = None
             if keep.any():
-                pixels.append(selection.rgb if selection.rgb is not None
-                              else frame_to_rgb(f.frame, group))
+                rgb = selection.rgb if selection.rgb is not None else frame_to_rgb(f.frame, group)
+                pixels.append(rgb)
+                previous.append(self._previous_rgb(rgb))
                 keeps.append(keep)
+            self._previous = [f, rgb]
             convert_s += time.perf_counter() - t1
             self.next_t += 1
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))
@@ -134,7 +153,7 @@ class StreamParser:
             with_pixels = meta[meta[:, META["kept_groups"]] > 0]
             patches, positions = patchify(np.stack(pixels), self.geometry,
                                           frame_ids=with_pixels[:, META["t"]],
-                                          keep=np.stack(keeps))
+                                          keep=np.stack(keeps), previous=np.stack(previous))
         else:
             patches = np.zeros((0, self.geometry.patch_dim), np.float32)
             positions = np.zeros((0, 3), np.int64)

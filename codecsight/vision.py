@@ -61,21 +61,32 @@ def _normalisation_table(geometry: Geometry) -> np.ndarray:
 
 
 def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
-             keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Turn the kept merge groups of still frames into ViT patches and their (t, h, w) positions.
+             keep: np.ndarray | None = None,
+             previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Turn the kept merge groups of frames into ViT patches and their (t, h, w) positions.
 
     frames: uint8 [F, H, W, 3] RGB, H and W multiples of geometry.group_pixels (28).
     frame_ids: F ints, the stream's global sampled-frame index of each frame (becomes t).
     keep: optional bool [F, H/28, W/28], one flag per merge group; None keeps every group.
+    previous: optional uint8 [F, H, W, 3], the stream's previous sampled frame for each frame.
+        Given, it fills the first T-1 temporal slots of every patch and the frame the last,
+        as Qwen2-VL's video processor fills a patch with consecutive frames: each token then
+        sees how its patch changed since the last sampled frame (motion, direction, speed),
+        at no extra token. None repeats the frame in every slot, as Qwen2-VL does for images.
     Returns patches float32 [N, patch_dim] (N = 4 * kept groups) in Qwen2VLImageProcessor's
     layout: per frame, merge groups in row-major order, inside a group its 2x2 patches in
-    row-major order, each patch flattened as (C, T, P, P) with the still frame repeated T
-    times; and positions int64 [N, 3] = (frame_ids[f], patch row, patch column).
+    row-major order, each patch flattened as (C, T, P, P); and positions int64 [N, 3] =
+    (frame_ids[f], patch row, patch column).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[3] != geometry.in_channels or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [F, H, W, {geometry.in_channels}] RGB, "
                          f"got {frames.dtype} {list(frames.shape)}")
+    if previous is not None:
+        previous = np.asarray(previous)
+        if previous.shape != frames.shape or previous.dtype != np.uint8:
+            raise ValueError(f"previous frames must match frames: uint8 {list(frames.shape)}, "
+                             f"got {previous.dtype} {list(previous.shape)}")
     n_frames, height, width, channels = frames.shape
     group, patch, merge = geometry.group_pixels, geometry.patch_size, geometry.merge_size
     if height % group or width % group:
@@ -96,15 +107,24 @@ def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
     # Index the kept groups out of a strided view, so dropped groups are never copied or
     # normalised. nonzero() walks frame, group row, group column: block-major order.
     frame_of, group_row, group_col = np.nonzero(keep)
-    view = frames.reshape(n_frames, groups_h, merge, patch, groups_w, merge, patch, channels)
-    view = view.transpose(0, 1, 4, 2, 5, 7, 3, 6)          # [F, gh, gw, mh, mw, C, P, P]
-    pixels = view[frame_of, group_row, group_col]           # [K, mh, mw, C, P, P] uint8
     table = _normalisation_table(geometry)
-    values = table[np.arange(channels)[:, None, None], pixels]  # [K, mh, mw, C, P, P] float32
+    slots = geometry.temporal_patch_size
+
+    def kept_values(source: np.ndarray) -> np.ndarray:   # [K, mh, mw, C, P, P] float32
+        view = source.reshape(n_frames, groups_h, merge, patch, groups_w, merge, patch, channels)
+        view = view.transpose(0, 1, 4, 2, 5, 7, 3, 6)      # [F, gh, gw, mh, mw, C, P, P]
+        return table[np.arange(channels)[:, None, None], view[frame_of, group_row, group_col]]
+
+    values = kept_values(frames)
     n_groups = len(frame_of)
-    # A still frame fills all T temporal slots of a patch, as Qwen2-VL does for images.
-    values = np.broadcast_to(values[:, :, :, :, None],
-                             values.shape[:4] + (geometry.temporal_patch_size,) + values.shape[4:])
+    if previous is None or slots == 1:
+        values = np.broadcast_to(values[:, :, :, :, None],
+                                 values.shape[:4] + (slots,) + values.shape[4:])
+    else:
+        before = kept_values(previous)[:, :, :, :, None]
+        values = np.concatenate([np.broadcast_to(before, before.shape[:4] + (slots - 1,)
+                                                 + before.shape[5:]),
+                                 values[:, :, :, :, None]], axis=4)
     patches = values.reshape(n_groups * geometry.patches_per_group, geometry.patch_dim)
 
     within = np.arange(merge)

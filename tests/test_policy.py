@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import StreamDecoder, macroblock_signals
+from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb, macroblock_signals
 from codecsight.llm import VisualLM, split_frames
 from codecsight.parser import StreamParser
 from codecsight.policy import (POLICIES, PruningConfig, changed_groups,
@@ -12,7 +12,7 @@ from codecsight.policy import (POLICIES, PruningConfig, changed_groups,
                                oracle_keep, overlap_matrix, valid_pixels)
 from codecsight.protocol import META, PATCH_POLICIES
 from codecsight.synth import Box, encode_h264, moving_boxes
-from codecsight.vision import PrunedVisionEncoder
+from codecsight.vision import PrunedVisionEncoder, patchify
 
 FPS = 12.5
 BOX = Box(x=40, y=48, width=48, height=32, vx=4.0, vy=0.0)
@@ -332,6 +332,33 @@ def test_patches_are_the_kept_groups_of_whole_frame_patchify(geometry, box_strea
     rows = [index[tuple(p)] for p in result.positions]
     assert np.array_equal(result.patches, dense.patches[rows])
     assert len(result.patches) == 4 * result.frame_meta[:, META["kept_groups"]].sum()
+
+
+def test_every_patch_pairs_its_frame_with_the_previous_sampled_frame(geometry):
+    # The box stops for a while, so codec keeps nothing in some sampled frames and must
+    # convert such a frame only when the next one keeps something; two chunks, so the
+    # pairing carries across a chunk boundary.
+    box = Box(x=40, y=48, width=48, height=32, vx=2.0, vy=0.0)
+    frames, _ = moving_boxes(100, W, H, boxes=[box], noise_sigma=0.0, seed=4)
+    frames[30:70] = frames[30]
+    chunks = chunks_of(frames, gop=25, pieces=2)
+    decoder, sampler = StreamDecoder(), FrameSampler(FPS, 2.0)
+    rgb = np.stack([frame_to_rgb(f.frame, 28) for c in chunks
+                    for f in decoder.feed(c) + (decoder.flush() if c is chunks[-1] else [])
+                    if sampler.is_sampled(f.index)])
+    previous = np.concatenate([rgb[:1], rgb[:-1]])
+    expected, expected_positions = patchify(rgb, geometry, np.arange(len(rgb)),
+                                            previous=previous)
+    dense, _ = parse_all(StreamParser(geometry, "h264", FPS, 2.0), chunks)
+    np.testing.assert_array_equal(np.concatenate([r.patches for r in dense]), expected)
+    np.testing.assert_array_equal(np.concatenate([r.positions for r in dense]),
+                                  expected_positions)
+    codec, keeps = parse_all(StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
+                                          config=PruningConfig(anchor_seconds=0)), chunks)
+    kept = [int(k.sum()) for k in keeps]
+    assert 0 in kept and kept[-1] > 0, kept      # a frame that kept nothing, then motion
+    rows = np.repeat(np.stack(keeps).ravel(), geometry.patches_per_group)
+    np.testing.assert_array_equal(np.concatenate([r.patches for r in codec]), expected[rows])
 
 
 def test_frames_that_keep_nothing_are_not_converted(geometry):

@@ -68,21 +68,44 @@ def test_patchify_equals_transformers_image_processor(geometry):
     np.testing.assert_array_equal(patches, reference["pixel_values"])
 
 
+def sliced_patches(geometry, frames, previous):
+    """Patches cut one by one: (C, T, P, P) with previous[f] in slot 0 and frames[f] in slot 1."""
+    mean, std = np.array(geometry.image_mean), np.array(geometry.image_std)
+    expected = []
+    for before, frame in zip(previous, frames):
+        pixels = [(x / 255.0 - mean) / std for x in (before, frame)]   # [H, W, C] each
+        for group_row in range(frame.shape[0] // 28):
+            for group_col in range(frame.shape[1] // 28):
+                for row in (2 * group_row, 2 * group_row + 1):
+                    for col in (2 * group_col, 2 * group_col + 1):
+                        slots = [x[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14]
+                                 .transpose(2, 0, 1) for x in pixels]   # [C, P, P] each
+                        expected.append(np.stack(slots, axis=1).ravel())  # [C, T, P, P]
+    return np.array(expected)
+
+
 def test_patchify_equals_patch_by_patch_slicing(geometry):
     frames = random_frames(2, 2, 2, seed=1)
     patches, _ = vision.patchify(frames, geometry, [0, 1])
-    mean, std = np.array(geometry.image_mean), np.array(geometry.image_std)
-    expected = []
-    for frame in frames:
-        pixels = (frame / 255.0 - mean) / std                       # [H, W, C]
-        for group_row in range(2):
-            for group_col in range(2):
-                for row in (2 * group_row, 2 * group_row + 1):
-                    for col in (2 * group_col, 2 * group_col + 1):
-                        patch = pixels[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14]
-                        patch = patch.transpose(2, 0, 1)            # [C, P, P]
-                        expected.append(np.stack([patch, patch], axis=1).ravel())  # [C, T, P, P]
-    np.testing.assert_allclose(patches, np.array(expected), atol=1e-5)
+    np.testing.assert_allclose(patches, sliced_patches(geometry, frames, frames), atol=1e-5)
+
+
+def test_patchify_pairs_each_frame_with_its_previous_frame_in_time_order(geometry):
+    frames, previous = random_frames(2, 2, 3, seed=11), random_frames(2, 2, 3, seed=12)
+    keep = random_keep(2, 2, 3, share=0.5, seed=3)
+    patches, positions = vision.patchify(frames, geometry, [5, 6], previous=previous)
+    np.testing.assert_allclose(patches, sliced_patches(geometry, frames, previous), atol=1e-5)
+    still, _ = vision.patchify(frames, geometry, [5, 6])
+    assert not np.allclose(patches, still)
+    kept, kept_positions = vision.patchify(frames, geometry, [5, 6], keep, previous)
+    rows = np.repeat(keep.ravel(), geometry.patches_per_group)
+    np.testing.assert_array_equal(kept, patches[rows])
+    np.testing.assert_array_equal(kept_positions, positions[rows])
+
+
+def test_patchify_rejects_previous_frames_of_another_shape(geometry):
+    with pytest.raises(ValueError, match=r"previous frames must match frames: uint8 \[1, 56, 56, 3\]"):
+        vision.patchify(random_frames(1, 2, 2), geometry, [0], previous=random_frames(1, 2, 3))
 
 
 def test_patchify_positions_are_frame_id_and_patch_grid_in_block_major_order(geometry):
