@@ -118,7 +118,7 @@ def test_per_frame_vit_batch_equals_the_served_patch_set(demo, samples, geometry
     with torch.no_grad():
         frames = demo.encode_frames([item])[0]
     patches, positions = patchify(item.sample.rgb, geometry, item.sample.t,
-                                  item.sample.keep["half"])
+                                  item.sample.keep["half"], item.sample.previous_rgb)
     served = demo.encoder.encode(patches, positions)          # one set, as vit_pruned gets it
     ours = torch.cat([f.tokens for f in frames]).detach().numpy()
     assert ours.shape == served.shape == (item.sample.keep["half"].sum(), 128)
