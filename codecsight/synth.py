@@ -561,16 +561,18 @@ def write_clip(seed: int, path: str | Path,
 OBJECT_CLASSES = 1 + 2 * len(KINDS)   # object_map values: none, kind, kind facing back/running
 
 
-def group_owners(truth: SceneTruth, frame_index: int, group_pixels: int) -> np.ndarray:
-    """Which object each merge group of a frame shows: int64 [Hg, Wg], actor index or -1.
+def object_map(truth: SceneTruth, frame_index: int, group_pixels: int) -> np.ndarray:
+    """What each merge group of a frame shows: int64 [Hg, Wg] in [0, OBJECT_CLASSES).
 
-    Group (r, c) gets the object covering most of it, if that object covers at least 15% of
-    the group or half of the object lies in it.
+    0: no object; 1 + k: an object of kind KINDS[k]; 1 + len(KINDS) + k: one that looks
+    anomalous (faces against the flow, or runs). Group (r, c) gets the object covering most
+    of it, if that object covers at least 15% of the group or half of the object lies in it.
     """
     grid_h = -(-truth.height // group_pixels)
     grid_w = -(-truth.width // group_pixels)
     best = np.zeros((grid_h, grid_w))
-    out = np.full((grid_h, grid_w), -1, np.int64)
+    out = np.zeros((grid_h, grid_w), np.int64)
+    kinds = list(KINDS)
     edges_y = np.arange(grid_h + 1) * group_pixels
     edges_x = np.arange(grid_w + 1) * group_pixels
     for a, actor in enumerate(truth.actors):
@@ -582,45 +584,9 @@ def group_owners(truth: SceneTruth, frame_index: int, group_pixels: int) -> np.n
         area = np.outer(over_y, over_x).astype(float)
         enough = (area >= 0.15 * group_pixels ** 2) | (area >= 0.5 * actor.width * actor.height)
         take = enough & (area > best)
-        out[take] = a
+        looks_anomalous = actor.behaviour in ("wrong_way", "run")
+        out[take] = 1 + kinds.index(actor.kind) + (len(kinds) if looks_anomalous else 0)
         best[take] = area[take]
-    return out
-
-
-def object_map(truth: SceneTruth, frame_index: int, group_pixels: int) -> np.ndarray:
-    """What each merge group of a frame shows: int64 [Hg, Wg] in [0, OBJECT_CLASSES).
-
-    0: no object; 1 + k: an object of kind KINDS[k]; 1 + len(KINDS) + k: one that looks
-    anomalous (faces against the flow, or runs). Groups are assigned by `group_owners`.
-    """
-    owners = group_owners(truth, frame_index, group_pixels)
-    kinds = list(KINDS)
-    classes = np.array([0] + [1 + kinds.index(actor.kind)
-                              + (len(kinds) if actor.behaviour in ("wrong_way", "run") else 0)
-                              for actor in truth.actors], np.int64)
-    return classes[owners + 1]
-
-
-def entering_map(truth: SceneTruth, previous_index: int, frame_index: int,
-                 group_pixels: int) -> np.ndarray:
-    """Which zones the object in each merge group entered since the previous sampled frame.
-
-    bool [Hg, Wg, len(ZONES)]: the group's object (`group_owners`) has its centre in the zone
-    at frame_index and did not at previous_index (outside it, or off-screen), within one shot:
-    the step `window_facts` counts as "entered" when both frames are in the window.
-    """
-    owners = group_owners(truth, frame_index, group_pixels)
-    entered = np.zeros((len(truth.actors), len(ZONES)), bool)
-    same_shot = truth.shot[previous_index] == truth.shot[frame_index]
-    for a, actor in enumerate(truth.actors):
-        if not same_shot or truth.shot[frame_index] != actor.shot:
-            continue
-        for z, zone in enumerate(ZONES):
-            now = zone_mask(truth.centres[frame_index, a], zone, truth.width, truth.height)
-            before = zone_mask(truth.centres[previous_index, a], zone, truth.width, truth.height)
-            entered[a, z] = bool(now) and not bool(before)
-    out = np.zeros(owners.shape + (len(ZONES),), bool)
-    out[owners >= 0] = entered[owners[owners >= 0]]
     return out
 
 

@@ -10,10 +10,10 @@ vit_pruned) and laid out by `llm.VisualLM.layout` (prompt, M-RoPE positions).
 Two stages, because the answer loss alone did not train a model from random weights in the
 time budget (measured: 800 steps stayed at the answer prior; a random ViT gives the LLM
 nothing to attend to and the LLM gives the ViT too faint a signal):
-1. the ViT learns what each merge group shows (object kind, anomalous look or motion, the
-   zones its object crossed into since the previous sampled frame, which a patch holds in
-   its first temporal slot) from the clips' ground truth, through a training-only linear
-   head that is not saved (`pretrain_vision`);
+1. the ViT learns what each merge group shows (object kind, anomalous look: with the
+   previous sampled frame in each patch's first temporal slot it sees motion too) from the
+   clips' ground truth, through a training-only linear head that is not saved
+   (`pretrain_vision`);
 2. the LLM learns the answers, cross-entropy on the answer tokens plus the stop token
    "<|im_end|>" only. By default the ViT is frozen there and each window encoded once
    (`DemoModel.freeze_vision`), so all compute goes to the LLM; --no-freeze-vision trains
@@ -67,9 +67,6 @@ MAX_PRESENCE_QUESTIONS = 4   # per answer ("yes" and "no") and window
 # Per-token object loss: most merge groups show no object; weigh them down so the ViT does
 # not settle on "nothing here".
 AUX_BACKGROUND_WEIGHT = 0.1
-# Per-token zone-entry loss (`synth.entering_map`): few tokens show an object crossing into
-# a zone, so their positives weigh this much more than the negatives.
-AUX_ENTRY_POS_WEIGHT = 10.0
 VISION_BATCH = 2             # windows per vision pre-training step
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20,
           "mb": 10 ** 6, "mib": 2 ** 20, "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30}
@@ -106,7 +103,6 @@ class Sample:
     facts: synth.WindowFacts
     truth: synth.SceneTruth     # the clip's, to label shorter windows
     labels: np.ndarray          # int64 [F, Hp/28, Wp/28] synth.object_map per window frame
-    entering: np.ndarray        # bool [F, Hp/28, Wp/28, Z] synth.entering_map per window frame
 
     @property
     def groups(self) -> int:
@@ -188,12 +184,9 @@ def build_suite(seeds, geometry: Geometry, *, scene: synth.SceneConfig, analysis
             masks = {p: policy_keep_masks(path, geometry, p, analysis_fps=analysis_fps,
                                           stride_seconds=stride)
                      for p in policies if p != "dense"}
-            # display index of each sampled frame, for the previous one of a window's first
-            shown = {int(t): int(f) for w in windows for t, f in zip(w.t, w.frame_indices)}
             for w in windows:
                 if not len(w.t):
                     continue
-                before = [shown.get(int(t) - 1, int(f)) for t, f in zip(w.t, w.frame_indices)]
                 grid = (len(w.t),) + tuple(s // geometry.group_pixels for s in w.rgb.shape[1:3])
                 keep = {"dense": np.ones(grid, bool)}
                 for p, by_t in masks.items():
@@ -205,10 +198,7 @@ def build_suite(seeds, geometry: Geometry, *, scene: synth.SceneConfig, analysis
                     frame_types=w.frame_types, keep=keep,
                     facts=synth.window_facts(truth, w.frame_indices), truth=truth,
                     labels=np.stack([synth.object_map(truth, int(f), geometry.group_pixels)
-                                     for f in w.frame_indices]),
-                    entering=np.stack([synth.entering_map(truth, b, int(f),
-                                                          geometry.group_pixels)
-                                       for b, f in zip(before, w.frame_indices)])))
+                                     for f in w.frame_indices])))
             if progress:
                 progress(n + 1, len(seeds), time.perf_counter() - started)
     finally:
@@ -296,10 +286,8 @@ class DemoModel:
 
     def __init__(self, model, tokenizer, geometry: Geometry, aux_head: bool = False):
         self.model = model
-        # Training-only head reading each visual token's object kind and the zones its object
-        # just entered (not in the checkpoint).
-        self.aux_head = torch.nn.Linear(geometry.vision_hidden,
-                                        synth.OBJECT_CLASSES + len(synth.ZONES)) \
+        # Training-only head reading each visual token's object kind (not in the checkpoint).
+        self.aux_head = torch.nn.Linear(geometry.vision_hidden, synth.OBJECT_CLASSES) \
             if aux_head else None
         self.frozen: dict | None = None    # (sample, policy) -> WindowFrames, see freeze_vision
         self.geometry = geometry
@@ -494,32 +482,18 @@ class DemoModel:
             stats["visual_tokens"] += sum(len(f.tokens) for f in window)
             stats["visual_norm"] += float(sum(f.tokens.detach().norm(dim=-1).sum()
                                               for f in window))
-        aux = self.aux_loss(items, windows) if self.aux_head is not None else torch.zeros(())
+        aux = torch.zeros(())
+        if self.aux_head is not None:
+            tokens, labels = [], []
+            for item, window in zip(items, windows):
+                for f, frame in zip(item.selection, window):
+                    tokens.append(frame.tokens)
+                    labels.append(torch.from_numpy(
+                        item.sample.labels[f][frame.cells[:, 0], frame.cells[:, 1]]))
+            aux = torch.nn.functional.cross_entropy(
+                self.aux_head(torch.cat(tokens)), torch.cat(labels), reduction="sum",
+                weight=self.aux_class_weights())
         return total, aux, stats
-
-    def aux_loss(self, items: list[Item], windows: list[list[WindowFrame]],
-                 reduction: str = "sum") -> torch.Tensor:
-        """The training-only head's loss over every visual token of the items: cross-entropy
-        against the object under it (`Sample.labels`) plus binary cross-entropy against the
-        zones that object just entered (`Sample.entering`); "sum" or "mean" over tokens."""
-        tokens, labels, entering = [], [], []
-        for item, window in zip(items, windows):
-            for f, frame in zip(item.selection, window):
-                rows, cols = frame.cells[:, 0], frame.cells[:, 1]
-                tokens.append(frame.tokens)
-                labels.append(torch.from_numpy(item.sample.labels[f][rows, cols]))
-                entering.append(torch.from_numpy(item.sample.entering[f][rows, cols]))
-        out = self.aux_head(torch.cat(tokens))
-        kinds = torch.nn.functional.cross_entropy(
-            out[:, :synth.OBJECT_CLASSES], torch.cat(labels), reduction="sum",
-            weight=self.aux_class_weights())
-        entries = torch.nn.functional.binary_cross_entropy_with_logits(
-            out[:, synth.OBJECT_CLASSES:], torch.cat(entering).float(), reduction="sum",
-            pos_weight=torch.tensor(AUX_ENTRY_POS_WEIGHT))
-        if reduction == "mean":
-            weights = self.aux_class_weights()[torch.cat(labels)].sum()
-            return kinds / weights + entries / len(out)
-        return kinds + entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,16 +706,14 @@ def pretrain_vision(demo: DemoModel, samples: list[Sample], steps: int, lr: floa
     """Stage 1: the ViT (+ training-only head) learns what each merge group shows.
 
     Per-token cross-entropy against `Sample.labels` (object kind, and whether it looks
-    anomalous) plus binary cross-entropy against `Sample.entering` (zones the object crossed
-    into since the previous sampled frame, which a token sees in its two temporal slots), on
-    dense windows, VISION_BATCH windows a step (`DemoModel.aux_loss`); returns the loss per
-    step.
+    anomalous) on dense windows, VISION_BATCH windows a step; returns the loss per step.
     Without it the answer loss alone left the model at the answer prior for 800 steps
     (measured): a random ViT gives the LLM nothing to attend to, and the LLM gives the ViT
     too weak a signal to learn from.
     """
     params = list(demo.model.model.visual.parameters()) + list(demo.aux_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98))
+    weights = demo.aux_class_weights()
     losses = []
     bar = Progress(steps, label="vision")
     for step in range(steps):
@@ -750,7 +722,11 @@ def pretrain_vision(demo: DemoModel, samples: list[Sample], steps: int, lr: floa
         rng = np.random.default_rng([seed, 4, step])
         picks = rng.choice(len(samples), min(VISION_BATCH, len(samples)), replace=False)
         items = [Item(samples[int(i)], "dense", []) for i in picks]
-        loss = demo.aux_loss(items, demo.encode_frames(items), reduction="mean")
+        windows = demo.encode_frames(items)
+        tokens = torch.cat([f.tokens for w in windows for f in w])
+        labels = torch.cat([torch.from_numpy(item.sample.labels[k][f.cells[:, 0], f.cells[:, 1]])
+                            for item, w in zip(items, windows) for k, f in enumerate(w)])
+        loss = torch.nn.functional.cross_entropy(demo.aux_head(tokens), labels, weight=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -982,9 +958,9 @@ on the machine below):
   {summary['parameters']:,} parameters, initialised by `checkpoint.build_tiny` with seed
   {config.seed}.
 - Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns what each
-  merge group shows (object kind, whether it looks anomalous, which zones its object just
-  crossed into) from the clips' ground truth, through a training-only linear head that is
-  not part of the checkpoint; object loss {_pair(summary.get('vision_loss'))}.
+  merge group shows (object kind, and whether it looks anomalous) from the clips' ground
+  truth, through a training-only linear head that is not part of the checkpoint; object
+  loss {_pair(summary.get('vision_loss'))}.
 - Every patch holds the previous sampled frame and this one in its two temporal slots, as
   codec_parser sends them (`vision.patchify(previous=...)`).
 - Stage 2 ({config.steps} steps): {"the ViT frozen, its tokens computed once per window; "

@@ -313,32 +313,6 @@ def test_object_map_marks_the_merge_groups_an_object_covers_with_its_kind():
     assert (synth.object_map(runner, 0, 28)[grid > 0] == car + len(synth.KINDS)).all()
 
 
-def boxed(truth):
-    """Fill a scripted truth's boxes from its centres (38x17 cars)."""
-    x, y = truth.centres[..., 0], truth.centres[..., 1]
-    truth.boxes[:] = np.stack([x - 19, y - 8, x + 19, y + 9], axis=-1).round().astype(np.int32)
-    return truth
-
-
-def test_entering_map_marks_the_groups_of_an_object_that_just_crossed_into_a_zone():
-    truth = boxed(scripted_truth([line(60.0, 20.0)]))   # crosses x = 112 at frame 26
-    right = synth.ZONES.index("right")
-    crossing = synth.entering_map(truth, 25, 30, 28)
-    owners = synth.group_owners(truth, 30, 28)
-    assert crossing.shape == (6, 8, len(synth.ZONES))
-    assert crossing[..., right].any() and (crossing[..., right] == (owners == 0)).all()
-    assert crossing.sum() == crossing[..., right].sum()          # no other zone
-    assert not synth.entering_map(truth, 30, 35, 28).any()        # already inside
-    assert not synth.entering_map(truth, 30, 30, 28).any()        # a stream's first frame
-    # The pairs of consecutive window frames find exactly the window's entered zones.
-    facts = window_facts(truth, WINDOW)
-    found = {synth.ZONES[z] for a, b in zip(WINDOW[:-1], WINDOW[1:])
-             for z in np.flatnonzero(synth.entering_map(truth, a, b, 28).any(axis=(0, 1)))}
-    assert found == set(facts.entered) == {"right"}
-    cut = boxed(scripted_truth([line(60.0, 20.0)], shots=np.repeat([0, 1], 20).astype(np.int32)))
-    assert not synth.entering_map(cut, 15, 25, 28).any()         # across a scene cut
-
-
 def dataclasses_replace_behaviour(truth, behaviour):
     import dataclasses
 
