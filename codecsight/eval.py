@@ -169,6 +169,60 @@ def macro_f1(truth: list[str], answers: list[str]) -> float | None:
     return float(np.mean(scores)) if scores else None
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _confusion_by_clip(records: list[dict], task: str, clips: list, labels: list[str]):
+    """tp, fp, fn per clip and class: int [clips, classes, 3] (one class, "yes", if binary)."""
+    index = {c: i for i, c in enumerate(clips)}
+    out = np.zeros((len(clips), len(labels), 3), np.int64)
+    for r in records:
+        if r["task"] != task:
+            continue
+        for k, label in enumerate(labels):
+            truth, said = r["truth"] == label, r["answer"] == label
+            out[index[r["clip"]], k] += (truth and said, said and not truth, truth and not said)
+    return out
+
+
+def _f1_from_counts(counts: np.ndarray) -> np.ndarray:
+    """F1 averaged over the classes present, from tp/fp/fn sums [..., classes, 3]."""
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    present = (tp + fn) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(present, 2 * tp / (2 * tp + fp + fn), np.nan)
+    return np.nanmean(np.where(present, f1, np.nan), axis=-1)
+
+
+def clip_intervals(records: list[dict], rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> None:
+    """Add 95% intervals to each row against dense: row["intervals"][task] = {"f1": [lo, hi],
+    "drop": [lo, hi]}, by resampling whole clips (a clip's windows are correlated) with the
+    same resample for dense and the policy, so the drop's interval is paired."""
+    clips = sorted({r["clip"] for r in records})
+    if len(clips) < 2:
+        return
+    picks = np.random.default_rng(seed).integers(0, len(clips), (resamples, len(clips)))
+    dense = {r["refresh"]: r for r in rows if r["policy"] == "dense"}
+    for row in rows:
+        ref = dense.get(row["refresh"]) or dense.get("full")
+        mine = [r for r in records if (r["policy"], r["refresh"]) == (row["policy"],
+                                                                        row["refresh"])]
+        theirs = [] if ref is None else [r for r in records if (r["policy"], r["refresh"])
+                                         == (ref["policy"], ref["refresh"])]
+        row["intervals"] = {}
+        for task in row["tasks"]:
+            labels = ["yes"] if task in synth.BINARY_TASKS else sorted(
+                {r["truth"] for r in mine if r["task"] == task})
+            f1 = _f1_from_counts(_confusion_by_clip(mine, task, clips, labels)[picks].sum(1))
+            entry = {"f1": np.nanpercentile(f1, [2.5, 97.5]).round(4).tolist()}
+            if theirs and ref is not row:
+                base = _f1_from_counts(
+                    _confusion_by_clip(theirs, task, clips, labels)[picks].sum(1))
+                entry["drop"] = np.nanpercentile(base - f1, [2.5, 97.5]).round(4).tolist()
+            row["intervals"][task] = entry
+
+
 def summarize(records: list[dict], combos) -> list[dict]:
     """Per policy combination: F1/accuracy per task, patches kept, tokens, throughput."""
     rows = []
@@ -237,7 +291,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Held-out suite: {meta['clips']} clips (seeds {meta['seeds']}), "
              f"{meta['windows']} windows x {len(tasks)} tasks per policy; model "
              f"`{meta['model_dir']}`; analysis {meta['fps']:g} fps, window "
-             f"{meta['window_seconds']:g} s. F1 of \"yes\" for binary tasks, macro F1 for "
+             f"{meta['window_seconds']:g} s, a request every "
+             f"{meta.get('stride_seconds') or meta['window_seconds']:g} s. "
+             "F1 of \"yes\" for binary tasks, macro F1 for "
              "count. Requests one at a time on " + meta["device"] + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -263,6 +319,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 _pts(v["f1_drop"].get(t)) for t in tasks] + [
                 _pts(v["binary_f1_drop"]), f"{100 * v['patches_kept_ratio']:.0f}%",
                 f"{100 * v['tokens_prefilled_ratio']:.0f}%", f"{v['speedup']:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if any("drop" in i for r in drops for i in r.get("intervals", {}).values()):
+        lines += ["", f"95% intervals, resampling whole clips {BOOTSTRAP_RESAMPLES} times "
+                  "(windows of one clip are correlated; the drop is paired): F1 of each "
+                  "policy, and its drop against dense in points.", "",
+                  "| policy | refresh | " + " | ".join(f"{t} F1 | {t} drop" for t in tasks)
+                  + " |", "|" + "---|" * (2 + 2 * len(tasks))]
+        for r in rows:
+            cells = [r["policy"], r["refresh"]]
+            for t in tasks:
+                i = r.get("intervals", {}).get(t, {})
+                cells.append("-" if "f1" not in i else f"[{i['f1'][0]:.2f}, {i['f1'][1]:.2f}]")
+                cells.append("-" if "drop" not in i else
+                             f"[{_pts(i['drop'][0])}, {_pts(i['drop'][1])}]")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -296,11 +366,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     left.axhline(0.8, color="grey", lw=0.8, ls="--")
     left.set_title("F1 per task")
     left.legend(fontsize=8)
-    for r in rows:
-        right.scatter(100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0, s=60)
-        right.annotate(f"{r['policy']}/{r['refresh']}\n{r['frames_per_s']:.0f} frames/s",
-                       (100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0),
-                       fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for k, r in enumerate(rows):
+        point = (100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0)
+        right.scatter(*point, s=60)
+        # Refresh policies of one patch policy share a point: stack their labels.
+        right.annotate(f"{r['policy']}/{r['refresh']}: {r['frames_per_s']:.0f} frames/s",
+                       point, fontsize=8, xytext=(6, 6 - 12 * (k % 2)),
+                       textcoords="offset points")
     right.set_xlabel("patches kept (% of dense)")
     right.set_ylabel("mean binary F1")
     right.set_xlim(0, 105)
@@ -336,6 +408,7 @@ def evaluate(client, out_dir: Path, *, seeds, model_dir: str, analysis_fps: floa
                         window_seconds=window_seconds, stride_seconds=stride_seconds,
                         progress=progress)
     rows = summarize(records, combos)
+    clip_intervals(records, rows)
     meta = {"model_dir": str(model_dir), "clips": len(clips),
             "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds else "-",
             "windows": sum(len(c.windows) for c in clips), "fps": analysis_fps,
