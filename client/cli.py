@@ -19,7 +19,7 @@ from codecsight.demux import iter_chunks, probe
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by codecsight-client and `codecsight demo` (same names as the server's)."""
-    parser.add_argument("--question", default="is anyone moving in the scene?",
+    parser.add_argument("--question", default="how many objects are moving?",
                         help="question answered for every window")
     parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
     parser.add_argument("--window-seconds", type=float, default=8.0)

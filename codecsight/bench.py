@@ -35,7 +35,7 @@ from codecsight import protocol as P
 ENSEMBLE = "ensemble"
 STAGES = ("codec_parser", "vit_pruned", "llm_prefill")
 BASELINE_POLICY, BASELINE_REFRESH = "dense", "full"
-DEFAULT_QUESTION = "is anyone moving in the scene?"
+DEFAULT_QUESTION = "how many objects are moving?"   # one the demo model was trained on
 # A static camera: textured still background, two objects crossing it, light sensor noise;
 # what a fixed surveillance camera sees most of the day. Sizes in px, speeds in px/frame.
 STATIC_CLIP = dict(width=640, height=360, fps=10.0, seconds=24.0, gop_seconds=5.0,

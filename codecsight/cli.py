@@ -21,13 +21,15 @@ def say(message: str) -> None:
 def build(model_dir: Path = DEFAULT_MODEL_DIR, repository: Path = DEFAULT_REPOSITORY,
           force: bool = False) -> Path:
     """Make sure the checkpoint and the vit_pruned ONNX export exist; return the repository."""
-    from codecsight import checkpoint, vision
+    from codecsight import vision
 
     model_dir = Path(model_dir)
-    if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() and (
-            force or not (model_dir / "config.json").is_file()):
-        say(f"building the tiny default model in {model_dir} (seed {checkpoint.TINY_SEED})")
-        checkpoint.build_tiny(model_dir)
+    if not (model_dir / "config.json").is_file():
+        hint = ("it is committed with the repository: restore it with "
+                f"`git checkout -- {model_dir.relative_to(REPO_ROOT)}`, or retrain it with the "
+                "command in its TRAINING.md") if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() \
+            else "give a Hugging Face Qwen2-VL checkpoint directory"
+        raise ServerError(f"no model checkpoint in {model_dir} (config.json missing): {hint}")
     onnx_path = Path(repository) / "vit_pruned" / "1" / "model.onnx"
     weights = model_dir / "model.safetensors"
     stale = onnx_path.is_file() and weights.is_file() and \
@@ -155,9 +157,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="codecsight", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="build the default model and the ONNX export")
+    p = sub.add_parser("build", help="export the default model's vision tower to ONNX for vit_pruned")
     p.add_argument("--model-dir", help="export for this checkpoint instead")
-    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.add_argument("--force", action="store_true",
+                   help="re-export the ONNX vision tower even if it is up to date")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("serve", help="run tritonserver on the model repository")
     add_server_arguments(p)

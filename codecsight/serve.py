@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "codecsight-tiny"
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "codecsight-demo"   # trained, committed
 ENSEMBLE = "ensemble"
 # Python-backend shared memory starts at 1 MB; a dense window of patches is ~100 MB.
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024

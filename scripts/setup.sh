@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine (Python, pip and apt present): system libraries, a virtualenv with
-# pinned packages, and the generated artifacts (tiny model, ONNX export). Idempotent and quick
-# when everything is already in place. Sourced by demo.sh and test.sh.
+# pinned packages, and the ONNX export of the committed demo model's vision tower. Idempotent
+# and quick when everything is already in place. Sourced by demo.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

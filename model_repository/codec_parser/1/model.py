@@ -22,7 +22,7 @@ from codecsight.protocol import (ANALYSIS_FPS, CHUNK, CODEC, PATCH_POLICIES, POL
                                  StreamError, check_choice)
 from codecsight.state import StreamStates
 
-DEFAULTS = {"model_dir": "../models/codecsight-tiny", "state_ttl_seconds": 60.0,
+DEFAULTS = {"model_dir": "../models/codecsight-demo", "state_ttl_seconds": 60.0,
             "max_state_bytes": 2 << 30, "max_chunk_bytes": 32 << 20,
             "default_policy": "dense", "skip_loop_filter": "noref",
             **PruningConfig.defaults()}

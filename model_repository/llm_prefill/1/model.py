@@ -17,7 +17,7 @@ from codecsight.protocol import (FRAME_META, POSITIONS, QUESTION, REFRESH, REFRE
                                  TOKENS, WINDOW_SECONDS, StreamError, check_choice)
 from codecsight.state import StreamStates
 
-DEFAULTS = {"model_dir": "../models/codecsight-tiny", "max_new_tokens": 8,
+DEFAULTS = {"model_dir": "../models/codecsight-demo", "max_new_tokens": 8,
             "max_question_tokens": 64, "state_ttl_seconds": 60.0, "max_state_bytes": 4 << 30,
             "default_refresh": "selective", "anchor_refresh_frames": 1}
 

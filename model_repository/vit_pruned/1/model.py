@@ -20,7 +20,7 @@ from codecsight.params import model_params
 from codecsight.protocol import PATCHES, POSITIONS
 from codecsight.vision import OnnxVisionEncoder, encode_patch_sets
 
-DEFAULTS = {"model_dir": "../models/codecsight-tiny", "onnx_file": "model.onnx",
+DEFAULTS = {"model_dir": "../models/codecsight-demo", "onnx_file": "model.onnx",
             "max_patches": 4096, "intra_op_threads": 0}
 
 
