@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,9 @@ def _confusion_by_clip(records: list[dict], task: str, clips: list, labels: list
 def _f1_from_counts(counts: np.ndarray) -> np.ndarray:
     """F1 averaged over the classes present, from tp/fp/fn sums [..., classes, 3]."""
     tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    present = (tp + fn) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(present, 2 * tp / (2 * tp + fp + fn), np.nan)
-    return np.nanmean(np.where(present, f1, np.nan), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)    # a resample with no class present
+        return np.nanmean(np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan), axis=-1)
 
 
 def clip_intervals(records: list[dict], rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES,
