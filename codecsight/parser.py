@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb
+from codecsight.codec import FrameSampler, StreamDecoder
 from codecsight.policy import POLICIES, PruningConfig, StreamMasks
 from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META
 from codecsight.vision import patchify
@@ -61,26 +61,15 @@ class StreamParser:
         self.masks = StreamMasks(self.config, geometry, self.codec_signals)
         self.next_t = 0            # t of the next sampled frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
-        self._previous = None      # [decoded frame, its RGB or None] of the last sampled frame
 
     @property
     def nbytes(self) -> int:
         """Rough bytes held: the decoder's reference frames (16 YUV 4:2:0 frames at most)
-        plus the pruning state (luma and RGB of the last sampled frame)."""
+        plus the pruning state (luma and, once converted, RGB of the last sampled frame)."""
         if self.frame_shape is None:
             return 1 << 20
         height, width = self.frame_shape
-        return int(height * width * (1.5 * 16 + 3)) + self.masks.nbytes
-
-    def _previous_rgb(self, rgb: np.ndarray) -> np.ndarray:
-        """RGB of the previous sampled frame, converted now if it was not; rgb itself at the
-        stream's first sampled frame or when the frame size changed."""
-        if self._previous is None:
-            return rgb
-        frame, previous = self._previous
-        if previous is None:
-            previous = self._previous[1] = frame_to_rgb(frame.frame, self.geometry.group_pixels)
-        return previous if previous.shape == rgb.shape else rgb
+        return int(height * width * 1.5 * 16) + self.masks.nbytes
 
     @staticmethod
     def _checked(policy: str) -> str:
@@ -114,7 +103,6 @@ class StreamParser:
         signals = self.masks.observe(frames)
         t_signals = time.perf_counter()
 
-        group = self.geometry.group_pixels
         rows, pixels, previous, keeps, all_keeps, why = [], [], [], [], [], []
         refreshes = collections.Counter()
         candidates = select_s = convert_s = 0.0
@@ -138,13 +126,14 @@ class StreamParser:
                          FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
             why.append(selection.refresh)
-            rgb = None
             if keep.any():
-                rgb = selection.rgb if selection.rgb is not None else frame_to_rgb(f.frame, group)
+                # Both converted at most once (policy.SampledFrame): the previous frame only
+                # now, if its own selection kept nothing.
+                rgb = selection.frame.rgb()
+                before = rgb if selection.previous is None else selection.previous.rgb()
                 pixels.append(rgb)
-                previous.append(self._previous_rgb(rgb))
+                previous.append(before if before.shape == rgb.shape else rgb)
                 keeps.append(keep)
-            self._previous = [f, rgb]
             convert_s += time.perf_counter() - t1
             self.next_t += 1
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))

@@ -234,6 +234,25 @@ class FrameSignal:
     moving_share: float | None
 
 
+class SampledFrame:
+    """A sampled frame and its RGB pixels, converted at most once, when someone needs them."""
+
+    def __init__(self, frame: av.VideoFrame, group_pixels: int, rgb: np.ndarray | None = None):
+        self.frame, self.group_pixels, self._rgb = frame, group_pixels, rgb
+
+    def rgb(self) -> np.ndarray:
+        """uint8 [Hp, Wp, 3] padded to whole merge groups (`codec.frame_to_rgb`)."""
+        if self._rgb is None:
+            self._rgb = frame_to_rgb(self.frame, self.group_pixels)
+        return self._rgb
+
+    @property
+    def nbytes(self) -> int:
+        """The decoded frame it pins (YUV 4:2:0) plus its RGB if converted."""
+        return int(self.frame.width * self.frame.height * 1.5) + (
+            0 if self._rgb is None else self._rgb.nbytes)
+
+
 @dataclasses.dataclass
 class Selection:
     """What one policy keeps of one sampled frame."""
@@ -241,7 +260,8 @@ class Selection:
     keep: np.ndarray          # bool [grid_h, grid_w] merge groups sent to the ViT
     refresh: str | None       # why the whole frame is kept (REFRESH_REASONS), else None
     candidates: int           # groups flagged before the pixel check (codec), else kept groups
-    rgb: np.ndarray | None    # uint8 [Hp, Wp, 3] if the policy already converted the frame
+    frame: SampledFrame       # this frame (its RGB converted already if the policy needed it)
+    previous: SampledFrame | None   # the stream's previous sampled frame; None at the first
 
 
 class StreamMasks:
@@ -258,8 +278,7 @@ class StreamMasks:
         self.reference: np.ndarray | None = None  # uint8 [Hp, Wp] luma of each group as the
                                                   # ViT last saw it
         self.previous_luma: np.ndarray | None = None  # previous sampled frame (oracle)
-        self.previous_rgb: np.ndarray | None = None   # previous sampled frame (evs), if converted
-        self.previous_sampled: av.VideoFrame | None = None
+        self.previous_sampled: SampledFrame | None = None
         self.previous_decoded: av.VideoFrame | None = None  # for the I-frame cut test
         self.previous_flags: np.ndarray | None = None   # last frame's flags (I-frame carry)
         self._previous_raw: np.ndarray | None = None   # last P/B-frame's spatial flags
@@ -271,9 +290,11 @@ class StreamMasks:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.pending, self.reference, self.previous_luma, self.previous_rgb)
-        frames = (self.previous_sampled, self.previous_decoded)
-        pinned = sum(int(f.width * f.height * 1.5) for f in frames if f is not None)
+        arrays = (self.pending, self.reference, self.previous_luma)
+        pinned = 0 if self.previous_decoded is None else \
+            int(self.previous_decoded.width * self.previous_decoded.height * 1.5)
+        if self.previous_sampled is not None:
+            pinned += self.previous_sampled.nbytes
         return sum(a.nbytes for a in arrays if a is not None) + pinned
 
     def _geometry_for(self, width: int, height: int) -> None:
@@ -288,7 +309,7 @@ class StreamMasks:
         if self._shape is not None:
             # A new frame size: nothing seen before lines up any more.
             self.pending, self.reference, self.previous_flags = None, None, None
-            self.previous_luma, self.previous_rgb = None, None
+            self.previous_luma = None
             self.pending_refresh = self.pending_refresh or "scene_cut"
         self._shape = (width, height)
 
@@ -417,28 +438,25 @@ class StreamMasks:
                 self.last_full_s is None
                 or time_s - self.last_full_s >= config.anchor_seconds - 1e-6):
             refresh = "anchor"
-        rgb = None
+        sampled, previous = SampledFrame(frame.frame, group), self.previous_sampled
         if policy == "dense":
             keep, refresh = np.ones(grid, bool), None
         elif refresh is not None or self.reference is None:
             keep, refresh = np.ones(grid, bool), refresh or "start"
             if policy == "evs":
-                rgb = frame_to_rgb(frame.frame, group)
+                sampled.rgb()    # evs compares the next frame with this one's pixels
         elif policy == "codec":
             keep = self._codec_keep(luma, grid)
         elif policy == "evs":
-            rgb = frame_to_rgb(frame.frame, group)
-            previous = self.previous_rgb
-            if previous is None or previous.shape != rgb.shape:
-                previous = frame_to_rgb(self.previous_sampled, group)
-            keep = evs_keep(previous, rgb, self.geometry, config.evs_pruning_rate)
+            keep = evs_keep(previous.rgb(), sampled.rgb(), self.geometry,
+                            config.evs_pruning_rate)
         else:  # oracle
             keep = oracle_keep(self.previous_luma, luma, group, self._valid,
                                config.pixel_threshold)
         candidates = self._candidates if policy == "codec" and refresh is None \
             else int(keep.sum())
-        self._remember(frame, luma, rgb, keep, time_s)
-        return Selection(keep, refresh, candidates, rgb)
+        self._remember(sampled, luma, keep, time_s)
+        return Selection(keep, refresh, candidates, sampled, previous)
 
     def _codec_keep(self, luma: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         if self.pending_camera:
@@ -466,8 +484,8 @@ class StreamMasks:
                                       where=recheck)
         return changed
 
-    def _remember(self, frame: DecodedFrame, luma: np.ndarray, rgb: np.ndarray | None,
-                  keep: np.ndarray, time_s: float) -> None:
+    def _remember(self, sampled: SampledFrame, luma: np.ndarray, keep: np.ndarray,
+                  time_s: float) -> None:
         group = self.geometry.group_pixels
         if self.reference is None or self.reference.shape != luma.shape or keep.all():
             self.reference = luma.copy()
@@ -479,8 +497,7 @@ class StreamMasks:
         if keep.all():
             self.last_full_s = time_s
         self.previous_luma = luma
-        self.previous_rgb = rgb
-        self.previous_sampled = frame.frame
+        self.previous_sampled = sampled
         self.pending = None
         self.pending_refresh = None
         self.pending_camera = False
