@@ -12,9 +12,9 @@ import threading
 
 import numpy as np
 
-from client.stream import StreamSettings, connect, run_stream
+from codecsight_client.stream import StreamSettings, connect, run_stream
 from codecsight import protocol as P
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.demux import iter_chunks, probe
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
-from codecsight.demux import last_keyframe_offset
+from codecsight_client.demux import last_keyframe_offset
 
 ENSEMBLE = "ensemble"
 # The most video kept for resuming from the last keyframe (one GOP is far less).
@@ -108,11 +108,6 @@ class StreamClient:
             _input(P.WINDOW_SECONDS, _fp32(s.window_seconds), "FP32"),
             _input(P.QUESTION, P.bytes_scalar(s.question), "BYTES"),
         ]
-
-    def send_continuation(self, chunk: bytes, last: bool = False) -> WindowResult:
-        """Send a chunk as a continuation (no START) of a stream the server already knows."""
-        self.started = True
-        return self.send(chunk, last)
 
     def _send_continuation_raw(self, chunk: bytes) -> WindowResult:
         """A continuation with no resume or retry: what a naive client would send."""

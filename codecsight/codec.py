@@ -23,9 +23,6 @@ PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}  # AVPi
 MACROBLOCK = 16  # H.264 macroblock side in pixels: the grid of the codec's motion signals
 # FFmpeg's AVDiscard names accepted for skip_loop_filter ("noref": non-reference frames only).
 LOOP_FILTER_SKIPS = ("none", "noref", "bidir", "nointra", "nokey", "all")
-# Decode-order numbers of packets whose frame has not come out yet are kept this long
-# (in packets) before being given up: far beyond any reorder delay, bounded after errors.
-_PENDING_PACKETS = 256
 
 
 @dataclasses.dataclass
@@ -39,8 +36,6 @@ class DecodedFrame:
                                             # holding it pins a decoder picture buffer
     motion_vectors: np.ndarray | None       # FFmpeg AVMotionVector records [N]; None if the
                                             # frame has none (I-frames, or export off)
-    packet_bytes: int                       # size of the coded access unit of this frame
-                                            # (Annex-B, parameter sets included); 0 if unknown
     corrupt: bool = False                   # decoded with errors concealed (damaged input)
 
     @property
@@ -83,8 +78,6 @@ class StreamDecoder:
             options["skip_loop_filter"] = skip
         self._ctx.options = options
         self._ctx.thread_count = thread_count   # 0: one per core (slice threads, no delay)
-        self._packet_sizes: dict[int, int] = {}  # decode-order number -> bytes
-        self._packets_in = 0
         self.frames_decoded = 0
         self.errors = 0              # damaged packets: rejected, or decoded with concealment
         self.corrupt_frames = 0      # of those, frames returned with errors concealed
@@ -126,13 +119,6 @@ class StreamDecoder:
             return []
 
     def _decode(self, packet: av.Packet | None) -> list[DecodedFrame]:
-        if packet is not None:
-            # The parser leaves timestamps unset; numbering packets in decode order lets each
-            # frame (which carries its packet's pts through reordering) find its packet size.
-            packet.pts = self._packets_in
-            self._packet_sizes[self._packets_in] = packet.size
-            self._packet_sizes.pop(self._packets_in - _PENDING_PACKETS, None)
-            self._packets_in += 1
         try:
             frames = self._ctx.decode(packet)
         except av.error.FFmpegError as e:
@@ -149,7 +135,6 @@ class StreamDecoder:
             keyframe=bool(frame.key_frame),
             frame=frame,
             motion_vectors=side_data.to_ndarray() if side_data is not None else None,
-            packet_bytes=self._packet_sizes.pop(frame.pts, 0) if frame.pts is not None else 0,
             corrupt=bool(frame.is_corrupt),
         )
         self.frames_decoded += 1

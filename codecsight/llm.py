@@ -36,6 +36,8 @@ import time
 import numpy as np
 import torch
 from transformers import DynamicCache
+# RoPE's pairing (dimension i turns with i + d/2), the model's own function.
+from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
 from codecsight.protocol import FRAME_TYPE_NAMES, META
 
@@ -98,7 +100,7 @@ def split_frames(tokens: np.ndarray, positions: np.ndarray, frame_meta: np.ndarr
     return frames
 
 
-class Window:
+class SlidingWindow:
     """The frames of the last `seconds` of a stream, (newest - seconds, newest], or of its
     last `frames` sampled frames."""
 
@@ -146,12 +148,6 @@ def cache_nbytes(cache) -> int:
         return 0
     return tensor_bytes(t for layer in cache.layers for t in (getattr(layer, "keys", None),
                                                               getattr(layer, "values", None)))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's pairing: dimension i turns with i + d/2 (as in Qwen2-VL)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rotate_temporal(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor,
@@ -506,7 +502,7 @@ class StreamSession:
 
     def __init__(self, window_seconds: float | None = None, *, window_frames: int | None = None,
                  refresh: str = REFRESH_SELECTIVE, anchor_frames: int = 1):
-        self.window = Window(seconds=window_seconds, frames=window_frames)
+        self.window = SlidingWindow(seconds=window_seconds, frames=window_frames)
         self.kv: KVWindow | None = None
         self.question = ""
         self.refresh = refresh

@@ -39,7 +39,7 @@ class ParseResult:
     frame_meta: np.ndarray  # [F, len(FRAME_META_COLUMNS)] int64
     stats: dict
     keep: list = dataclasses.field(default_factory=list)     # bool [grid_h, grid_w] per frame
-    refresh: list = dataclasses.field(default_factory=list)  # per frame: why kept whole, or None
+    whole_frame: list = dataclasses.field(default_factory=list)  # per frame: why kept whole, or None
 
 
 class StreamParser:
@@ -104,7 +104,7 @@ class StreamParser:
         t_signals = time.perf_counter()
 
         rows, pixels, previous, keeps, all_keeps, why = [], [], [], [], [], []
-        refreshes = collections.Counter()
+        whole_frames = collections.Counter()
         candidates = select_s = convert_s = 0.0
         sampled = 0
         for f, signal in zip(frames, signals):
@@ -118,14 +118,14 @@ class StreamParser:
             t1 = time.perf_counter()
             select_s += t1 - t0
             keep = selection.keep
-            if selection.refresh:
-                refreshes[selection.refresh] += 1
+            if selection.whole_frame:
+                whole_frames[selection.whole_frame] += 1
             candidates += selection.candidates
             grid_h, grid_w = keep.shape
             rows.append([self.next_t, f.index, round(1000.0 * f.index / self.source_fps),
                          FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
-            why.append(selection.refresh)
+            why.append(selection.whole_frame)
             if keep.any():
                 # Both converted at most once (policy.SampledFrame): the previous frame only
                 # now, if its own selection kept nothing.
@@ -161,7 +161,7 @@ class StreamParser:
             "kept_share": kept_groups / total_groups if total_groups else None,
             "groups_kept_per_frame": meta[:, META["kept_groups"]].tolist(),
             "groups_flagged_by_codec": int(candidates) if applied == "codec" else None,
-            "refreshes": dict(refreshes),
+            "whole_frames": dict(whole_frames),
             "intra_share": float(np.mean([s.intra_share for s in codec_frames]))
             if codec_frames else None,
             "moving_share": float(np.mean([s.moving_share for s in codec_frames]))

@@ -23,11 +23,12 @@ Policies, chosen per request (protocol.PATCH_POLICIES), plus a reference for ben
   oracle  (benchmarks only) groups whose mean |dY| against the previous sampled frame exceeds
           pixel_threshold: what a perfect change signal would keep; decodes every pixel.
 
-Pruning policies keep whole frames where a whole view is due ("refresh"): the stream's first
-sampled frame and at least one every anchor_seconds, so that each LLM window holds one
-complete view of the scene; codec also at scene cuts (a P/B-frame that is mostly intra, or an
-I-frame whose macroblocks changed wholesale against the frame before) and after frames
-decoded with errors. evs and the oracle, pixel methods, refresh only at start and anchors.
+Pruning policies keep a whole frame where a whole view is due (WHOLE_FRAME_REASONS): the
+stream's first sampled frame and at least one every whole_frame_seconds (the timer), so that
+each LLM window holds one complete view of the scene; codec also at scene cuts (a P/B-frame
+that is mostly intra, or an I-frame whose macroblocks changed wholesale against the frame
+before) and after frames decoded with errors. evs and the oracle, pixel methods, keep whole
+frames only at the start and on the timer. (An I-frame is a coding decision, not a reason.)
 
 `StreamMasks` keeps this state per stream and is advanced on every decoded frame whatever
 the request's policy, so a stream may switch policy from one request to the next.
@@ -49,7 +50,8 @@ POLICIES = PATCH_POLICIES + ("oracle",)  # what StreamMasks.select accepts
 # P/B-frames read together by macroblock_signals: enough to spread numpy's per-call cost,
 # few enough for the vectors to stay in cache (8-16 frames measured fastest).
 _SIGNAL_BATCH = 16
-REFRESH_REASONS = ("start", "scene_cut", "decode_error", "anchor")
+# Why a sampled frame is kept whole. "timer": whole_frame_seconds passed since the last one.
+WHOLE_FRAME_REASONS = ("start", "scene_cut", "decode_error", "timer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,7 @@ class PruningConfig:
     scene_cut_share: float = 0.7      # share of macroblocks that are intra (P/B-frame) or
                                       # changed by > scene_cut_luma (I-frame): a scene cut
     scene_cut_luma: float = 20.0      # mean |dY| of a macroblock across an I-frame, 8-bit levels
-    anchor_seconds: float = 8.0       # whole frame at least this often; 0: only start and cuts
+    whole_frame_seconds: float = 8.0  # whole frame at least this often; 0: only start and cuts
     temporal_support: bool = False    # a flag counts only if its neighbourhood was flagged in
                                       # the frame before too (noise vectors do not persist)
     pixel_check: bool = True          # confirm codec candidates by their pixels (below)
@@ -79,7 +81,7 @@ class PruningConfig:
             "intra_support": 1 <= self.intra_support <= 10,
             "scene_cut_share": 0 < self.scene_cut_share <= 1,
             "scene_cut_luma": self.scene_cut_luma >= 0,
-            "anchor_seconds": self.anchor_seconds >= 0,
+            "whole_frame_seconds": self.whole_frame_seconds >= 0,
             "pixel_threshold": self.pixel_threshold >= 0,
             "pixel_peak_threshold": self.pixel_peak_threshold >= 0,
             "evs_pruning_rate": 0 <= self.evs_pruning_rate < 1,
@@ -258,7 +260,7 @@ class Selection:
     """What one policy keeps of one sampled frame."""
 
     keep: np.ndarray          # bool [grid_h, grid_w] merge groups sent to the ViT
-    refresh: str | None       # why the whole frame is kept (REFRESH_REASONS), else None
+    whole_frame: str | None   # why the whole frame is kept (WHOLE_FRAME_REASONS), else None
     candidates: int           # groups flagged before the pixel check (codec), else kept groups
     frame: SampledFrame       # this frame (its RGB converted already if the policy needed it)
     previous: SampledFrame | None   # the stream's previous sampled frame; None at the first
@@ -273,7 +275,7 @@ class StreamMasks:
         self.geometry = geometry
         self.codec_signals = codec_signals   # False: no motion vectors (not H.264)
         self.pending: np.ndarray | None = None   # bool [mb_h, mb_w] flagged since last sample
-        self.pending_refresh: str | None = "start"
+        self.pending_whole_frame: str | None = "start"
         self.last_full_s: float | None = None    # time of the last whole frame the ViT saw
         self.reference: np.ndarray | None = None  # uint8 [Hp, Wp] luma of each group as the
                                                   # ViT last saw it
@@ -310,7 +312,7 @@ class StreamMasks:
             # A new frame size: nothing seen before lines up any more.
             self.pending, self.reference, self.previous_flags = None, None, None
             self.previous_luma = None
-            self.pending_refresh = self.pending_refresh or "scene_cut"
+            self.pending_whole_frame = self.pending_whole_frame or "scene_cut"
         self._shape = (width, height)
 
     # --- every decoded frame ---------------------------------------------------------------
@@ -416,9 +418,9 @@ class StreamMasks:
                 self.pending |= signal.flags
         self.pending_camera |= signal.camera_moved
         if frame.corrupt:
-            self.pending_refresh = self.pending_refresh or "decode_error"
+            self.pending_whole_frame = self.pending_whole_frame or "decode_error"
         if signal.scene_cut:
-            self.pending_refresh = self.pending_refresh or "scene_cut"
+            self.pending_whole_frame = self.pending_whole_frame or "scene_cut"
 
     # --- sampled frames --------------------------------------------------------------------
 
@@ -431,18 +433,18 @@ class StreamMasks:
         luma = frame_to_luma(frame.frame, group)
         grid = (luma.shape[0] // group, luma.shape[1] // group)
         # Scene cuts and decode errors are codec evidence: the pixel policies (evs as vLLM
-        # runs it, and the oracle) refresh only where the LLM window needs a whole view.
-        refresh = self.pending_refresh if policy == "codec" or self.pending_refresh == "start" \
-            else None
-        if refresh is None and config.anchor_seconds > 0 and (
+        # runs it, and the oracle) keep whole frames only where the LLM window needs one.
+        whole = self.pending_whole_frame \
+            if policy == "codec" or self.pending_whole_frame == "start" else None
+        if whole is None and config.whole_frame_seconds > 0 and (
                 self.last_full_s is None
-                or time_s - self.last_full_s >= config.anchor_seconds - 1e-6):
-            refresh = "anchor"
+                or time_s - self.last_full_s >= config.whole_frame_seconds - 1e-6):
+            whole = "timer"
         sampled, previous = SampledFrame(frame.frame, group), self.previous_sampled
         if policy == "dense":
-            keep, refresh = np.ones(grid, bool), None
-        elif refresh is not None or self.reference is None:
-            keep, refresh = np.ones(grid, bool), refresh or "start"
+            keep, whole = np.ones(grid, bool), None
+        elif whole is not None or self.reference is None:
+            keep, whole = np.ones(grid, bool), whole or "start"
             if policy == "evs":
                 sampled.rgb()    # evs compares the next frame with this one's pixels
         elif policy == "codec":
@@ -453,10 +455,10 @@ class StreamMasks:
         else:  # oracle
             keep = oracle_keep(self.previous_luma, luma, group, self._valid,
                                config.pixel_threshold)
-        candidates = self._candidates if policy == "codec" and refresh is None \
+        candidates = self._candidates if policy == "codec" and whole is None \
             else int(keep.sum())
         self._remember(sampled, luma, keep, time_s)
-        return Selection(keep, refresh, candidates, sampled, previous)
+        return Selection(keep, whole, candidates, sampled, previous)
 
     def _codec_keep(self, luma: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         if self.pending_camera:
@@ -499,5 +501,5 @@ class StreamMasks:
         self.previous_luma = luma
         self.previous_sampled = sampled
         self.pending = None
-        self.pending_refresh = None
+        self.pending_whole_frame = None
         self.pending_camera = False

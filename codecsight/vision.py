@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+# The ViT's RoPE pairing (dimension i turns with i + d/2), the model's own function.
+from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
 from codecsight.checkpoint import Geometry
 from codecsight.protocol import PATCHES as INPUT_PATCHES
@@ -142,11 +144,6 @@ def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
 # Encoder (torch)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 class PrunedVisionEncoder(torch.nn.Module):
     """The checkpoint's ViT over an explicit patch set: per-segment attention at true positions.
 
@@ -187,8 +184,8 @@ class PrunedVisionEncoder(torch.nn.Module):
         b, n, _ = x.shape
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                               # [B, heads, N, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
         return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -11,7 +11,7 @@ windows whose whole greedy answer is identical.
     .venv/bin/python perf/bench_kv.py                    # the README table
     .venv/bin/python perf/bench_kv.py --window 16f --strides 0.25 --anchors 0,1,all
 
-Clips: media/car-detection.mp4 and a generated static-camera clip (codecsight.synth: textured
+Clips: media/car-detection.mp4 and a generated static-camera clip (codecsight.tools.synth: textured
 boxes moving over a still, textured scene, light sensor noise, H.264 with a 2 s GOP).
 """
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from codecsight import checkpoint, synth  # noqa: E402
-from codecsight.demux import iter_chunks, probe  # noqa: E402
+from codecsight import checkpoint
+from codecsight.tools import synth  # noqa: E402
+from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 from codecsight.llm import StreamSession, VisualLM, WindowFrame, split_frames  # noqa: E402
 from codecsight.parser import StreamParser  # noqa: E402
 from codecsight.protocol import PATCH_POLICIES  # noqa: E402

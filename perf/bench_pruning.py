@@ -16,10 +16,10 @@ encoder served by vit_pruned (ONNX Runtime, CPU). Timings are CPU time of this p
   codec-paper    the paper's rules: |mv| > 1 px or intra, sticky until the next I-frame,
                  I-frames keep everything (no global-motion, support or pixel filters)
   oracle         groups whose mean |dY| against the previous sampled frame exceeds
-                 pixel_threshold, plus the same whole-frame refreshes; "oracle-signal" is the
-                 same without refreshes: what a perfect change signal keeps
+                 pixel_threshold, plus the same whole frames; "oracle-signal" is the
+                 same without whole frames: what a perfect change signal keeps
 
-Per policy: share of groups kept (and on frames that are not whole refreshes, the signal's
+Per policy: share of groups kept (and on frames that are not kept whole, the signal's
 own share), recall of the oracle-signal's changed groups, ViT ms per sampled frame, parser ms
 per decoded frame, and bytes: the H.264 stream against raw RGB frames at the analysis fps,
 and the kept groups as raw RGB. Also measured: the codec metadata's cost against plain
@@ -41,12 +41,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from codecsight import synth  # noqa: E402
+from codecsight.tools import synth  # noqa: E402
 from codecsight.checkpoint import Geometry  # noqa: E402
-from codecsight.cli import build  # noqa: E402
+from codecsight.tools.cli import build  # noqa: E402
 from codecsight.codec import (FrameSampler, StreamDecoder, frame_to_luma,  # noqa: E402
                               frame_to_rgb, macroblock_grid, padded_size)
-from codecsight.demux import iter_chunks, probe  # noqa: E402
+from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 from codecsight.params import model_params  # noqa: E402
 from codecsight.parser import StreamParser  # noqa: E402
 from codecsight.policy import (PruningConfig, StreamMasks, groups_from_macroblocks,  # noqa: E402
@@ -59,7 +59,7 @@ CHUNK_SECONDS = 8.0
 MAX_PATCHES = 4096        # vit_pruned's CPU config: patches per encoder execution
 ROWS = ("dense", "evs", "codec", "codec-signal", "codec-paper", "oracle", "oracle-signal")
 
-# Generated clips (codecsight.synth): static cameras with sparse and busy motion, and a pan.
+# Generated clips (codecsight.tools.synth): static cameras with sparse and busy motion, and a pan.
 CLIPS = {
     "static-sparse": dict(boxes=(synth.Box(x=-60, y=200, width=56, height=40, vx=3.0),),
                           noise_sigma=2.0, pan=0, gop=50, bframes=0),
@@ -107,13 +107,13 @@ def run_policy(chunks, info, geometry, policy, config, encoder):
     """Parse every chunk under one policy and encode its kept patches; a result row."""
     parser = StreamParser(geometry, info.codec, info.fps, ANALYSIS_FPS, policy=policy,
                           config=config, skip_loop_filter=SKIP_LOOP_FILTER)
-    keeps, refresh, stats, vit_s, parse_s = [], [], [], 0.0, 0.0
+    keeps, whole, stats, vit_s, parse_s = [], [], [], 0.0, 0.0
     for i, chunk in enumerate(chunks):
         t0 = time.process_time()
         result = parser.parse(chunk, final=i == len(chunks) - 1)
         parse_s += time.process_time() - t0
         keeps += result.keep
-        refresh += [r is not None for r in result.refresh]
+        whole += [r is not None for r in result.whole_frame]
         stats.append(result.stats)
         if encoder is not None and len(result.patches):
             # CPU time: ONNX Runtime runs one thread here, and the machine is shared
@@ -122,7 +122,7 @@ def run_policy(chunks, info, geometry, policy, config, encoder):
             vit_s += time.process_time() - t0
     sampled = sum(s["frames_sampled"] for s in stats)
     decoded = sum(s["frames_decoded"] for s in stats)
-    return dict(keeps=keeps, refresh=refresh, stats=stats, sampled=sampled, decoded=decoded,
+    return dict(keeps=keeps, whole=whole, stats=stats, sampled=sampled, decoded=decoded,
                 vit_ms_per_sampled_frame=1000.0 * vit_s / max(sampled, 1) if encoder else None,
                 parser_ms_per_frame=1000.0 * parse_s / max(decoded, 1),
                 breakdown_ms_per_frame={k: sum(s[k] for s in stats) / max(decoded, 1) for k in (
@@ -165,7 +165,7 @@ def paper_rules(chunks, info, geometry):
 
 
 def oracle_signal(chunks, info, geometry, threshold):
-    """Pixel-difference oracle per sampled frame (first frame: all), no refreshes."""
+    """Pixel-difference oracle per sampled frame (first frame: all), no whole frames."""
     decoder, sampler = StreamDecoder(export_mvs=False), FrameSampler(info.fps, ANALYSIS_FPS)
     group, previous, keeps, frames_rgb = geometry.group_pixels, None, [], []
     for i, chunk in enumerate(chunks):
@@ -298,15 +298,15 @@ def loop_filter_cost(chunks, repeats):
 # Report
 
 
-def score(keeps, refresh, oracle):
+def score(keeps, whole, oracle):
     kept = np.array(keeps)
     truth = np.array(oracle)
-    signal = ~np.array(refresh)
+    signal = ~np.array(whole)
     hit = (kept & truth).sum()
     return dict(share=float(kept.mean()), recall=float(hit / max(truth.sum(), 1)),
                 signal_share=float(kept[signal].mean()) if signal.any() else None,
                 oracle_signal_share=float(truth[signal].mean()) if signal.any() else None,
-                whole_frames=int(np.array(refresh).sum()))
+                whole_frames=int(np.array(whole).sum()))
 
 
 def bench_clip(name, path, encoder, config, repeats):
@@ -320,8 +320,8 @@ def bench_clip(name, path, encoder, config, repeats):
     for row in ROWS:
         if row == "codec-paper":
             keeps = masks[row] = paper_rules(chunks, info, GEOMETRY)
-            refresh = [k.all() for k in keeps]
-            rows[row] = dict(score(keeps, refresh, oracle), vit_ms_per_sampled_frame=None,
+            whole = [k.all() for k in keeps]
+            rows[row] = dict(score(keeps, whole, oracle), vit_ms_per_sampled_frame=None,
                              parser_ms_per_frame=None)
             continue
         if row == "oracle-signal":
@@ -334,7 +334,7 @@ def bench_clip(name, path, encoder, config, repeats):
             if row == "codec-signal" else config
         result = run_policy(chunks, info, GEOMETRY, policy, row_config, encoder)
         masks[row] = result["keeps"]
-        rows[row] = dict(score(result["keeps"], result["refresh"], oracle),
+        rows[row] = dict(score(result["keeps"], result["whole"], oracle),
                          vit_ms_per_sampled_frame=result["vit_ms_per_sampled_frame"],
                          parser_ms_per_frame=result["parser_ms_per_frame"],
                          breakdown_ms_per_frame=result["breakdown_ms_per_frame"],
@@ -357,7 +357,7 @@ def table(name, clip):
              f"{clip['frames_sampled']} frames sampled at {clip['analysis_fps']:g} fps; H.264 "
              f"{clip['h264_bytes'] / 1e6:.2f} MB vs raw RGB {clip['raw_rgb_bytes_at_analysis_fps'] / 1e6:.1f}"
              f" MB ({clip['raw_rgb_over_h264']:.0f}x)",
-             "| policy | kept | kept (non-refresh) | oracle (same frames) | recall vs oracle "
+             "| policy | kept | kept (not whole) | oracle (same frames) | recall vs oracle "
              "| whole frames | ViT ms/frame | ViT cut | parser ms/frame | kept as raw RGB MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, r in clip["rows"].items():
@@ -474,8 +474,8 @@ def targets(report):
         ratio = r["signal_share"] / max(r["oracle_signal_share"], 1e-9)
         ok = ratio <= 1.5 and r["recall"] >= 0.9
         out.append(f"[{'met' if ok else 'MISSED'}] {name}: codec keeps {ratio:.2f}x the "
-                   f"oracle's share on the same (non-refresh) frames (<= 1.5x) at recall "
-                   f"{r['recall']:.3f}; with whole refreshes {r['share']:.3f} vs oracle-signal "
+                   f"oracle's share on the same (not whole) frames (<= 1.5x) at recall "
+                   f"{r['recall']:.3f}; with whole frames {r['share']:.3f} vs oracle-signal "
                    f"{o['share']:.3f}")
     if "static-sparse" in report["clips"]:
         rows = report["clips"]["static-sparse"]["rows"]

@@ -36,10 +36,10 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.stream import StreamClient, StreamSettings, connect  # noqa: E402
+from codecsight_client.stream import StreamClient, StreamSettings, connect  # noqa: E402
 from codecsight import protocol as P  # noqa: E402
-from codecsight.bench import DEFAULT_QUESTION, split_list  # noqa: E402
-from codecsight.demux import iter_chunks, probe  # noqa: E402
+from codecsight.tools.bench import DEFAULT_QUESTION, split_list  # noqa: E402
+from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 from codecsight.serve import REPO_ROOT  # noqa: E402
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
-from codecsight.bench import DEFAULT_QUESTION, check_policies, split_list  # noqa: E402
-from codecsight.demux import iter_chunks, probe  # noqa: E402
+from codecsight.tools.bench import DEFAULT_QUESTION, check_policies, split_list  # noqa: E402
+from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 
 
 def stream_steps(video: str, *, policy: str, refresh: str, fps: float, window_seconds: float,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from codecsight import protocol as P  # noqa: E402
-from codecsight.bench import (ENSEMBLE, check_policies, command_line, machine_info,  # noqa: E402
+from codecsight.tools.bench import (ENSEMBLE, check_policies, command_line, machine_info,  # noqa: E402
                               model_statistics, now_utc, say, server_meta, serving,
                               split_list, stage_deltas)
 from make_inputs import add_input_arguments, default_videos, settings_from, write_inputs  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
 
 
 def format_table(records: list[dict]) -> str:
-    from codecsight.bench import align_rows, fmt_value
+    from codecsight.tools.bench import align_rows, fmt_value
 
     models = ("codec_parser", "vit_pruned", "llm_prefill")
     head = ("policy", "refresh", "conc", "req/s", "vs dense", "p50 ms", "p99 ms",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from codecsight.bench import RATIO_FIELDS, STAGES, fmt_value  # noqa: E402
+from codecsight.tools.bench import RATIO_FIELDS, STAGES, fmt_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGET_RATIO = 3.0   # issue #6: codec >= 3x dense throughput and streams sustained

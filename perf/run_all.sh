@@ -10,7 +10,7 @@ cd "$ROOT"
 PY=.venv/bin/python
 OUT=perf/results
 mkdir -p "$OUT"
-$PY -m codecsight.bench --static-clip --rounds 2 --json "$OUT/bench.json" "$@"
+$PY -m codecsight.tools.bench --static-clip --rounds 2 --json "$OUT/bench.json" "$@"
 $PY perf/streams_sustained.py --policies dense,codec --json "$OUT/streams_sustained.json"
 $PY perf/perf_analyzer.py --concurrency 1,2,4 --json "$OUT/perf_analyzer.json"
 $PY perf/run_locust.py --users 2 --run-time 60 --json "$OUT/locust.json"

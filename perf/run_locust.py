@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
-from codecsight.bench import (align_rows, check_policies, command_line, fmt_value,  # noqa: E402
+from codecsight.tools.bench import (align_rows, check_policies, command_line, fmt_value,  # noqa: E402
                               machine_info, now_utc, say, server_meta, serving, split_list)
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"

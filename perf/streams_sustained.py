@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
-from codecsight.bench import (DEFAULT_QUESTION, align_rows, check_policies,  # noqa: E402
+from codecsight.tools.bench import (DEFAULT_QUESTION, align_rows, check_policies,  # noqa: E402
                               command_line, fmt_value, machine_info, model_statistics,
                               now_utc, say, server_meta, serving, split_list, stage_deltas,
                               static_clip_path)
@@ -38,7 +38,7 @@ def stream_live(url: str, clip: str, info, settings, chunks: list, offset_s: flo
                 t0: float, stride_s: float, deadline: float, skip_first: int,
                 out: list, lock: threading.Lock) -> None:
     """One live camera: chunk k is due at t0 + offset + k * stride; END on the last sent."""
-    from client.stream import StreamClient, connect
+    from codecsight_client.stream import StreamClient, connect
 
     stream = StreamClient(connect(url), f"live-{uuid.uuid4().hex[:10]}", settings)
     for k, chunk in enumerate(chunks):
@@ -64,8 +64,8 @@ def run_level(url: str, clip: str, info, policy: str, refresh: str, streams: int
     """N staggered live streams for args.seconds; their windows' latency and stage times."""
     import tritonclient.grpc as grpcclient
 
-    from client.stream import StreamSettings
-    from codecsight.demux import iter_chunks
+    from codecsight_client.stream import StreamSettings
+    from codecsight_client.demux import iter_chunks
 
     settings = StreamSettings(question=args.question, codec=info.codec, source_fps=info.fps,
                               analysis_fps=args.fps, window_seconds=args.window_seconds,
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=Path("perf/results/streams_sustained.json"))
     args = parser.parse_args(argv)
 
-    from codecsight.demux import probe
+    from codecsight_client.demux import probe
 
     if args.skip_first is None:
         args.skip_first = max(0, int(np.ceil(args.window_seconds / args.stride_seconds)) - 1)

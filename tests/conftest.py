@@ -22,7 +22,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real tritonserver (bundled with nvidia-pytriton) on the project's model repository."""
-    from codecsight.cli import build
+    from codecsight.tools.cli import build
     from codecsight.serve import TritonServer
 
     repository = build()
@@ -34,6 +34,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def grpc(server):
-    from client.stream import connect
+    from codecsight_client.stream import connect
 
     return connect(server.grpc_url)

@@ -8,9 +8,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.stream import StreamClient, StreamSettings, run_stream
+from codecsight_client.stream import StreamClient, StreamSettings, run_stream
 from codecsight import protocol as P
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.demux import iter_chunks, probe
 from codecsight.serve import REPO_ROOT
 
 pytestmark = pytest.mark.server
@@ -146,7 +146,7 @@ def test_an_unknown_policy_is_refused(grpc, chunks):
 def test_a_good_stream_beside_bad_ones_answers_as_alone(server, grpc, chunks):
     import concurrent.futures
 
-    from client.stream import connect
+    from codecsight_client.stream import connect
 
     solo = run_stream(grpc, new_id("solo"), settings(), iter(chunks[:4]))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from codecsight import bench
-from codecsight.bench import Run, Window, make_ratios, make_record, stage_deltas
-from codecsight.demux import SourceInfo, iter_chunks
+from codecsight.tools import bench
+from codecsight.tools.bench import AnsweredWindow, Run, make_ratios, make_record, stage_deltas
+from codecsight_client.demux import SourceInfo, iter_chunks
 from codecsight.serve import REPO_ROOT
 
 CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
@@ -39,7 +39,7 @@ def bench_args(*argv):
 
 def window(latency_ms, frames=4, kept=1792, total=1792, prefilled=3600, parser_ms=40.0,
            prefill_ms=200.0, reused=0):
-    return Window(latency_s=latency_ms / 1000.0, bytes_sent=100_000,
+    return AnsweredWindow(latency_s=latency_ms / 1000.0, bytes_sent=100_000,
                   parse={"frames_sampled": frames, "patches_kept": kept, "patches_total": total,
                          "parser_ms": parser_ms},
                   llm={"tokens_prefilled": prefilled, "tokens_reused": reused,

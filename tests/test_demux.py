@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from codecsight.codec import StreamDecoder
-from codecsight.demux import iter_chunks, nal_unit_types, probe
-from codecsight.synth import encode_h264, moving_boxes
+from codecsight_client.demux import iter_chunks, nal_unit_types, probe
+from codecsight.tools.synth import encode_h264, moving_boxes
 
 CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
 CAR_PACKETS = 377   # video packets in car-detection.mp4 (30.16 s at 12.5 fps)
@@ -163,7 +163,7 @@ def test_stride_must_be_positive(generated):
 
 
 def test_last_keyframe_offset_finds_where_a_fresh_decoder_can_start():
-    from codecsight.demux import last_keyframe_offset, nal_unit_types
+    from codecsight_client.demux import last_keyframe_offset, nal_unit_types
 
     chunks = list(iter_chunks(str(CAR), 2.0))[:4]
     with_key, without_key = chunks[2], chunks[1]  # keyframes every 60 frames (4.8 s)

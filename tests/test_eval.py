@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from codecsight import eval as ev
-from codecsight import protocol, synth
+from codecsight.tools import eval as ev
+from codecsight import protocol
+from codecsight.tools import synth
 from codecsight.serve import REPO_ROOT
 
 DEMO_MODEL = REPO_ROOT / "models" / "codecsight-demo"
@@ -83,7 +84,7 @@ def test_every_policy_combination_is_evaluated_by_default():
 
 
 def test_held_out_seeds_are_not_training_seeds():
-    from codecsight import train
+    from codecsight.tools import train
 
     assert ev.EVAL_SEED_BASE > train.TRAIN_SEED_BASE + 10_000 * 10
 
@@ -116,8 +117,8 @@ def test_a_small_eval_through_the_real_server(grpc, server, tmp_path):
 @pytest.fixture(scope="module")
 def demo_eval(tmp_path_factory):
     """Dense/full eval of the trained demo model on the default 24 held-out clips (docs/EVAL.md)."""
-    from client.stream import connect
-    from codecsight.cli import build
+    from codecsight_client.stream import connect
+    from codecsight.tools.cli import build
     from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
 
     if not (DEMO_MODEL / "config.json").is_file():

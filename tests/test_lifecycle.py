@@ -4,8 +4,8 @@ import uuid
 import psutil
 import pytest
 
-from client.stream import StreamClient, StreamSettings
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.stream import StreamClient, StreamSettings
+from codecsight_client.demux import iter_chunks, probe
 from codecsight.serve import REPO_ROOT
 
 pytestmark = pytest.mark.server

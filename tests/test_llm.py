@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from codecsight.checkpoint import Geometry
-from codecsight.llm import StreamSession, VisualLM, Window, WindowFrame, split_frames
+from codecsight.llm import SlidingWindow, StreamSession, VisualLM, WindowFrame, split_frames
 from codecsight.protocol import FRAME_TYPES
 from codecsight.vision import patchify
 
@@ -100,7 +100,7 @@ def make_frame(t, time_ms):
 
 
 def test_window_keeps_only_the_last_seconds():
-    window = Window(seconds=2.0)
+    window = SlidingWindow(seconds=2.0)
     assert window.add([make_frame(t, 500 * t) for t in range(4)]) == []
     dropped = window.add([make_frame(t, 500 * t) for t in range(4, 7)])  # newest: 3000 ms
     assert [f.t for f in dropped] == [0, 1, 2]
@@ -108,12 +108,12 @@ def test_window_keeps_only_the_last_seconds():
 
 
 def test_window_length_in_frames_keeps_the_last_n():
-    window = Window(frames=3)
+    window = SlidingWindow(frames=3)
     window.add([make_frame(t, 500 * t) for t in range(2)])
     dropped = window.add([make_frame(t, 500 * t) for t in range(2, 5)])
     assert [f.t for f in dropped] == [0, 1] and [f.t for f in window.frames] == [2, 3, 4]
     with pytest.raises(ValueError, match="seconds or in frames"):
-        Window(seconds=8.0, frames=16)
+        SlidingWindow(seconds=8.0, frames=16)
 
 
 def test_session_answers_every_window_once_it_has_a_question(tiny, tiny_dir, vlm):

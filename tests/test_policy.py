@@ -11,7 +11,7 @@ from codecsight.policy import (POLICIES, PruningConfig, changed_groups,
                                dynamic_macroblocks, evs_keep, groups_from_macroblocks,
                                oracle_keep, overlap_matrix, valid_pixels)
 from codecsight.protocol import META, PATCH_POLICIES
-from codecsight.synth import Box, encode_h264, moving_boxes
+from codecsight.tools.synth import Box, encode_h264, moving_boxes
 from codecsight.vision import PrunedVisionEncoder, patchify
 
 FPS = 12.5
@@ -246,18 +246,18 @@ def box_stream():
 
 def test_first_frame_is_whole_then_codec_keeps_only_what_moved(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(anchor_seconds=0))
+                          config=PruningConfig(whole_frame_seconds=0))
     (result,), keeps = parse_all(parser, box_stream)
     kept = result.frame_meta[:, META["kept_groups"]]
-    assert kept[0] == GROUPS and result.stats["refreshes"] == {"start": 1}
+    assert kept[0] == GROUPS and result.stats["whole_frames"] == {"start": 1}
     # the box (48x32, 12 px further each sampled frame) touches 2-3 x 3-4 groups
     assert all(3 <= k <= 12 for k in kept[1:])
     assert result.stats["kept_share"] < 0.2
 
 
-def test_i_frames_are_not_refreshes(geometry, box_stream):
+def test_i_frames_are_not_reasons_to_keep_a_whole_frame(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(anchor_seconds=0))
+                          config=PruningConfig(whole_frame_seconds=0))
     (result,), keeps = parse_all(parser, box_stream)
     types = result.frame_meta[:, META["frame_type"]]
     i_frames = [k for k, t in zip(result.frame_meta[1:, META["kept_groups"]], types[1:])
@@ -266,25 +266,25 @@ def test_i_frames_are_not_refreshes(geometry, box_stream):
     assert all(k < GROUPS // 4 for k in i_frames)
 
 
-def test_anchor_period_keeps_a_whole_frame_every_anchor_seconds(geometry, box_stream):
+def test_a_timer_keeps_a_whole_frame_every_whole_frame_seconds(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(anchor_seconds=4.0))
+                          config=PruningConfig(whole_frame_seconds=4.0))
     (result,), keeps = parse_all(parser, box_stream)
     whole = [int(m[META["time_ms"]]) for m in result.frame_meta
              if m[META["kept_groups"]] == GROUPS]
     assert whole == [0, 4000, 8000]
-    assert result.stats["refreshes"] == {"start": 1, "anchor": 2}
+    assert result.stats["whole_frames"] == {"start": 1, "timer": 2}
 
 
-def test_a_scene_cut_refreshes_the_whole_frame(geometry):
+def test_a_scene_cut_keeps_the_whole_frame(geometry):
     first, _ = moving_boxes(40, W, H, boxes=[BOX], seed=3)
     second, _ = moving_boxes(40, W, H, boxes=[BOX], seed=4)   # another background
     # one GOP across the cut: the cut lands on a P-frame that is almost all intra
     data = encode_h264(np.concatenate([first, second]), FPS, gop=80)
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(anchor_seconds=0))
+                          config=PruningConfig(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
-    assert result.stats["refreshes"] == {"start": 1, "scene_cut": 1}
+    assert result.stats["whole_frames"] == {"start": 1, "scene_cut": 1}
     cut = [int(m[META["frame_index"]]) for m in result.frame_meta[1:]
            if m[META["kept_groups"]] == GROUPS]
     assert cut == [44]                          # first sampled frame after frame 40
@@ -296,9 +296,9 @@ def test_a_scene_cut_on_an_i_frame_is_found_by_its_pixels(geometry):
     # GOP 20: frames 20 and 60 are I-frames inside a shot, frame 40 an I-frame at the cut
     data = encode_h264(np.concatenate([first, second]), FPS, gop=20)
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(anchor_seconds=0))
+                          config=PruningConfig(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
-    assert result.stats["refreshes"] == {"start": 1, "scene_cut": 1}
+    assert result.stats["whole_frames"] == {"start": 1, "scene_cut": 1}
     whole = [int(m[META["frame_index"]]) for m in result.frame_meta
              if m[META["kept_groups"]] == GROUPS]
     assert whole == [0, 44]
@@ -307,7 +307,7 @@ def test_a_scene_cut_on_an_i_frame_is_found_by_its_pixels(geometry):
 def test_state_advances_under_every_policy_so_a_stream_can_switch(geometry, box_stream):
     frames, _ = moving_boxes(100, W, H, boxes=[BOX], noise_sigma=2.0, seed=2)
     chunks = chunks_of(frames, gop=25, pieces=4)
-    config = PruningConfig(anchor_seconds=0)
+    config = PruningConfig(whole_frame_seconds=0)
     switching = StreamParser(geometry, "h264", FPS, 2.0, config=config)
     always = StreamParser(geometry, "h264", FPS, 2.0, config=config)
     for i, (chunk, policy) in enumerate(zip(chunks, ["dense", "codec", "evs", "codec"])):
@@ -315,7 +315,7 @@ def test_state_advances_under_every_policy_so_a_stream_can_switch(geometry, box_
         reference = always.parse(chunk, "codec", final=i == 3)
         assert got.stats["policy"] == policy
         if i == 1:   # the first codec request after dense: no new start, prunes at once
-            assert got.stats["refreshes"] == {}
+            assert got.stats["whole_frames"] == {}
             assert got.stats["kept_share"] < 0.3
             assert got.stats["groups_flagged_by_codec"] == reference.stats[
                 "groups_flagged_by_codec"]
@@ -354,7 +354,7 @@ def test_every_patch_pairs_its_frame_with_the_previous_sampled_frame(geometry):
     np.testing.assert_array_equal(np.concatenate([r.positions for r in dense]),
                                   expected_positions)
     codec, keeps = parse_all(StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                                          config=PruningConfig(anchor_seconds=0)), chunks)
+                                          config=PruningConfig(whole_frame_seconds=0)), chunks)
     kept = [int(k.sum()) for k in keeps]
     assert 0 in kept and kept[-1] > 0, kept      # a frame that kept nothing, then motion
     rows = np.repeat(np.stack(keeps).ravel(), geometry.patches_per_group)

@@ -4,8 +4,8 @@ import uuid
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client.stream import StreamClient, StreamSettings, connect
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.stream import StreamClient, StreamSettings, connect
+from codecsight_client.demux import iter_chunks, probe
 from codecsight.serve import REPO_ROOT, TritonServer, free_port
 
 pytestmark = pytest.mark.server
@@ -21,7 +21,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def repository():
-    from codecsight.cli import build
+    from codecsight.tools.cli import build
 
     return build()
 

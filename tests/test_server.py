@@ -5,8 +5,8 @@ import uuid
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client.stream import StreamClient, StreamSettings, run_stream
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.stream import StreamClient, StreamSettings, run_stream
+from codecsight_client.demux import iter_chunks, probe
 from codecsight.serve import REPO_ROOT
 
 pytestmark = pytest.mark.server
@@ -35,7 +35,7 @@ def stream_clip(grpc, stream_id, **overrides):
 @pytest.fixture(scope="module")
 def solo(server):
     """One stream of the clip on its own: the reference for isolation."""
-    from client.stream import connect
+    from codecsight_client.stream import connect
 
     return stream_clip(connect(server.grpc_url), unique("solo"))
 
@@ -60,7 +60,7 @@ def test_dense_sends_every_patch_to_the_vit_and_prefills_the_whole_window(solo):
 
 
 def test_concurrent_streams_answer_exactly_as_alone(server, solo):
-    from client.stream import connect
+    from codecsight_client.stream import connect
 
     ids = [unique("cam-a"), unique("cam-b")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -5,10 +5,10 @@ import uuid
 
 import pytest
 
-from client.stream import StreamSettings, connect, run_stream
+from codecsight_client.stream import StreamSettings, connect, run_stream
 from codecsight import protocol as P
-from codecsight import synth
-from codecsight.demux import iter_chunks
+from codecsight.tools import synth
+from codecsight_client.demux import iter_chunks
 
 pytestmark = pytest.mark.server
 

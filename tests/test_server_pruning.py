@@ -4,9 +4,9 @@ import uuid
 
 import pytest
 
-from client.stream import StreamClient, StreamSettings, run_stream
-from codecsight.demux import iter_chunks, probe
-from codecsight.synth import Box, encode_h264, moving_boxes
+from codecsight_client.stream import StreamClient, StreamSettings, run_stream
+from codecsight_client.demux import iter_chunks, probe
+from codecsight.tools.synth import Box, encode_h264, moving_boxes
 
 pytestmark = pytest.mark.server
 
@@ -53,7 +53,7 @@ def total(windows, key):
 
 
 def test_three_policies_run_side_by_side_on_one_server(server, sparse_clip):
-    from client.stream import connect
+    from codecsight_client.stream import connect
 
     policies = ("dense", "evs", "codec")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -66,7 +66,7 @@ def test_three_policies_run_side_by_side_on_one_server(server, sparse_clip):
     groups = 9 * 12   # 320x240 pads to 336x252: 9 x 12 merge groups of 28 px
     assert dense == total(runs["dense"], "patches_total") == (
         total(runs["dense"], "frames_sampled") * groups * 4)
-    # evs keeps a fixed 40% of every frame after its whole ones (start, 8 s anchor);
+    # evs keeps a fixed 40% of every frame after its whole ones (start, 8 s whole-frame timer);
     # codec keeps what the box touched plus those whole frames.
     assert evs < 0.6 * dense
     assert codec < 0.5 * evs
@@ -95,7 +95,7 @@ def test_a_stream_switches_policy_from_one_request_to_the_next(grpc, sparse_clip
                                                       "codec"])):
         client.settings.policy = policy
         window = client.send(chunk.data, last=i == len(chunks) - 1)
-        seen.append((window.parse["policy"], window.parse["refreshes"], window.parse["kept_share"]))
+        seen.append((window.parse["policy"], window.parse["whole_frames"], window.parse["kept_share"]))
     assert [p for p, _, _ in seen] == ["dense", "codec", "evs", "codec", "dense", "codec"]
     # The codec state kept up during the dense request: its first codec request prunes at
     # once instead of starting over with a whole frame.
@@ -115,7 +115,7 @@ def test_policy_named_at_start_holds_for_requests_that_name_none(grpc, sparse_cl
 
 def test_requests_whose_frames_keep_nothing_still_answer(grpc, tmp_path):
     # A still scene in 1 s chunks: after the whole first frame nothing changes before the
-    # 8 s anchor, so later chunks send zero patches through the ViT and zero visual tokens
+    # 8 s whole-frame timer, so later chunks send zero patches through the ViT and zero visual tokens
     # to the LLM, and must still get their answer.
     frames, _ = moving_boxes(60, 320, 240, boxes=(), seed=5)
     path = str(encode_h264(frames, FPS, gop=25, path=tmp_path / "still.mp4"))

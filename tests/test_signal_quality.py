@@ -22,7 +22,7 @@ import pytest
 from codecsight.checkpoint import Geometry
 from codecsight.codec import FrameSampler, StreamDecoder
 from codecsight.policy import PruningConfig, StreamMasks, groups_from_macroblocks, overlap_matrix
-from codecsight.synth import Box, encode_h264, moving_boxes
+from codecsight.tools.synth import Box, encode_h264, moving_boxes
 
 FPS, ANALYSIS_FPS = 25, 5
 WIDTH, HEIGHT, FRAMES = 256, 192, 75
@@ -108,7 +108,7 @@ def score_clip(clip: Clip, geometry: Geometry) -> dict[str, Score]:
     rows = overlap_matrix(-(-HEIGHT // 16), 16, -(-HEIGHT // group), group)
     cols = overlap_matrix(-(-WIDTH // 16), 16, -(-WIDTH // group), group)
     scores = {"macroblocks": Score(), "groups: signal": Score(), "groups: kept": Score()}
-    masks = StreamMasks(PruningConfig(anchor_seconds=0), geometry, codec_signals=True)
+    masks = StreamMasks(PruningConfig(whole_frame_seconds=0), geometry, codec_signals=True)
     sampler = FrameSampler(FPS, ANALYSIS_FPS)
     moved = None
     for f, signal in zip(decoded, masks.observe(decoded)):
@@ -122,7 +122,7 @@ def score_clip(clip: Clip, geometry: Geometry) -> dict[str, Score]:
             signal_groups = groups_from_macroblocks(masks.pending, rows, cols) \
                 if masks.pending is not None else None
             selection = masks.select("codec", f, f.index / FPS)
-            if selection.refresh is None:
+            if selection.whole_frame is None:
                 scores["groups: signal"].add(signal_groups, moved)
                 scores["groups: kept"].add(selection.keep, moved)
             moved = None

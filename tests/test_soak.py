@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client.stream import StreamClient, StreamSettings, connect, unreachable
-from codecsight.demux import iter_chunks, probe
+from codecsight_client.stream import StreamClient, StreamSettings, connect, unreachable
+from codecsight_client.demux import iter_chunks, probe
 from codecsight.serve import REPO_ROOT, TritonServer, free_port
 
 pytestmark = [pytest.mark.soak, pytest.mark.server]
@@ -34,7 +34,7 @@ def rss_mb(server) -> float:
 
 
 def test_soak_with_faults_and_a_restart(tmp_path):
-    from codecsight.cli import build
+    from codecsight.tools.cli import build
 
     streams = int(os.environ.get("SOAK_STREAMS", 3))
     duration = float(os.environ.get("SOAK_MINUTES", 4)) * 60

@@ -3,7 +3,8 @@ import av
 import numpy as np
 import pytest
 
-from codecsight.synth import MACROBLOCK, Box, encode_h264, moving_boxes
+from codecsight.codec import MACROBLOCK
+from codecsight.tools.synth import Box, encode_h264, moving_boxes
 
 BOX = Box(x=32, y=16, width=48, height=32, vx=4, vy=2)
 
@@ -127,8 +128,8 @@ def test_odd_frame_size_is_rejected():
 # ---------------------------------------------------------------------------------------------
 # Surveillance scenes, labels and serving windows
 
-from codecsight import synth  # noqa: E402
-from codecsight.synth import (Actor, SceneConfig, SceneTruth, generate_scene,  # noqa: E402
+from codecsight.tools import synth  # noqa: E402
+from codecsight.tools.synth import (Actor, SceneConfig, SceneTruth, generate_scene,  # noqa: E402
                               serving_windows, window_facts, write_clip)
 
 SHORT = SceneConfig(seconds=8.0)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from codecsight import synth, train
+from codecsight.tools import synth, train
 from codecsight.checkpoint import Geometry, load
-from codecsight.synth import SceneConfig
+from codecsight.tools.synth import SceneConfig
 from codecsight.vision import patchify
 
 SCENE = SceneConfig(seconds=8.0)   # two 4 s windows per clip

@@ -47,7 +47,7 @@ STATIC_CLIP = dict(width=640, height=360, fps=10.0, seconds=24.0, gop_seconds=5.
 
 
 @dataclasses.dataclass
-class Window:
+class AnsweredWindow:
     """One answered window as the bench sees it."""
 
     latency_s: float
@@ -60,7 +60,7 @@ class Window:
 class Run:
     """One pass of one video under one (policy, refresh), possibly as several streams."""
 
-    windows: list[Window]
+    windows: list[AnsweredWindow]
     wall_s: float
     stages: dict            # model -> statistics deltas over the run (see stage_deltas)
     peak_rss_bytes: int | None
@@ -150,10 +150,10 @@ def server_pid_on_port(port: int) -> int | None:
 
 
 def stream_video(client, video: str, settings, stride_s: float, stream_id: str,
-                 max_chunks: int | None = None) -> list[Window]:
+                 max_chunks: int | None = None) -> list[AnsweredWindow]:
     """Send one video as one stream, chunk after chunk as fast as answers come back."""
-    from client.stream import StreamClient
-    from codecsight.demux import iter_chunks
+    from codecsight_client.stream import StreamClient
+    from codecsight_client.demux import iter_chunks
 
     chunks = list(itertools.islice(iter_chunks(video, stride_s), max_chunks))
     stream = StreamClient(client, stream_id, settings)
@@ -161,15 +161,15 @@ def stream_video(client, video: str, settings, stride_s: float, stream_id: str,
             for i, c in enumerate(chunks)]
 
 
-def _window(result) -> Window:
-    return Window(latency_s=result.latency_s, bytes_sent=result.bytes_sent, parse=result.parse,
-                  llm=result.llm)
+def _window(result) -> AnsweredWindow:
+    return AnsweredWindow(latency_s=result.latency_s, bytes_sent=result.bytes_sent,
+                          parse=result.parse, llm=result.llm)
 
 
 def run_once(client, url: str, video: str, info, policy: str, refresh: str, args,
              server_pid: int | None, label: str) -> Run:
     """One measured pass of a video as args.streams concurrent streams under one policy."""
-    from client.stream import StreamSettings, connect
+    from codecsight_client.stream import StreamSettings, connect
 
     settings = StreamSettings(question=args.question, codec=info.codec, source_fps=info.fps,
                               analysis_fps=args.fps, window_seconds=args.window_seconds,
@@ -390,8 +390,8 @@ def plot(records: list[dict], path: Path) -> Path:
 
 def make_static_clip(path: Path, *, width: int, height: int, fps: float, seconds: float,
                      gop_seconds: float, noise_sigma: float, seed: int) -> Path:
-    """Encode a static-camera clip with codecsight.synth (deterministic); returns path."""
-    from codecsight import synth
+    """Encode a static-camera clip with codecsight.tools.synth (deterministic); returns path."""
+    from codecsight.tools import synth
 
     frames_n = int(round(seconds * fps))
     # A pedestrian crossing slowly and a car crossing the other way, far apart.
@@ -473,7 +473,7 @@ def command_line(argv=None) -> str:
 
     prog = Path(argv[0])
     if prog.suffix == ".py" and Path(os.path.abspath(prog)) == Path(__file__).resolve():
-        head = [rel(sys.executable), "-m", "codecsight.bench"]
+        head = [rel(sys.executable), "-m", "codecsight.tools.bench"]
     elif prog.suffix == ".py":
         head = [rel(sys.executable), rel(prog)]
     else:
@@ -521,7 +521,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chunks per policy streamed once, unmeasured, before the runs")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--static-clip", action="store_true",
-                        help="add the generated static-camera clip (codecsight.synth) to the "
+                        help="add the generated static-camera clip (codecsight.tools.synth) to the "
                         "videos")
     parser.add_argument("--cache-dir", type=Path, default=Path(".codecsight") / "bench",
                         help="where generated clips are kept")
@@ -542,8 +542,8 @@ def say(message: str) -> None:
 
 def run(args) -> int:
     """Run the benchmark described by parsed add_arguments flags; returns an exit code."""
-    from client.stream import StreamSettings, connect
-    from codecsight.demux import probe
+    from codecsight_client.stream import StreamSettings, connect
+    from codecsight_client.demux import probe
 
     policies = check_policies(split_list(args.policies), P.PATCH_POLICIES, "patch policy")
     refreshes = check_policies(split_list(args.refresh), P.REFRESH_POLICIES, "refresh policy")
@@ -611,7 +611,7 @@ def run(args) -> int:
 
 def start_server(model_dir: str | None = None):
     """A tritonserver on free loopback ports, started and ready; stop() it when done."""
-    from codecsight.cli import prepared_repository
+    from codecsight.tools.cli import prepared_repository
     from codecsight.serve import TritonServer
 
     server = TritonServer(prepared_repository(model_dir))

@@ -106,8 +106,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from client.cli import stream_all, write_json
-    from client.stream import connect
+    from codecsight_client.cli import stream_all, write_json
+    from codecsight_client.stream import connect
 
     t0 = time.perf_counter()
     server = start_server(args)
@@ -140,11 +140,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 800
 
 # Subcommands whose module (and torch) is imported only when chosen: name -> (module, help).
 LIBRARY_COMMANDS = {
-    "train": ("codecsight.train", "train the demo model on generated clips "
+    "train": ("codecsight.tools.train", "train the demo model on generated clips "
               "(Micro-Batch Streaming)"),
-    "eval": ("codecsight.eval", "F1 per task and policy on held-out clips through a real "
+    "eval": ("codecsight.tools.eval", "F1 per task and policy on held-out clips through a real "
              "tritonserver"),
-    "bench": ("codecsight.bench", "every patch x refresh policy side by side through a real "
+    "bench": ("codecsight.tools.bench", "every patch x refresh policy side by side through a real "
               "tritonserver: JSON records, ratios against dense, PNG plot"),
 }
 
@@ -152,7 +152,7 @@ LIBRARY_COMMANDS = {
 def main(argv=None) -> int:
     import importlib
 
-    from client.cli import add_stream_arguments
+    from codecsight_client.cli import add_stream_arguments
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="codecsight", description=__doc__)

@@ -3,8 +3,8 @@
 Training runs the serving path, so that trained weights mean the same thing when served:
 each clip is encoded with libx264, cut into chunks and windowed exactly as a stream is
 (`synth.serving_windows`: demux.iter_chunks -> codec.StreamDecoder -> codec.FrameSampler ->
-llm.Window, pixels from codec.frame_to_rgb); a window's kept merge groups are patchified with
-`vision.patchify`, encoded by `vision.PrunedVisionEncoder` (the module exported to ONNX for
+llm.SlidingWindow, pixels from codec.frame_to_rgb); a window's kept merge groups are
+patchified with `vision.patchify`, encoded by `vision.PrunedVisionEncoder` (the module exported to ONNX for
 vit_pruned) and laid out by `llm.VisualLM.layout` (prompt, M-RoPE positions).
 
 Two stages, because the answer loss alone did not train a model from random weights in the
@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codecsight import checkpoint, synth
+from codecsight import checkpoint
+from codecsight.tools import synth
 from codecsight.checkpoint import Geometry
 from codecsight.llm import VisualLM, WindowFrame
 from codecsight.protocol import PATCH_POLICIES
@@ -56,7 +57,7 @@ from codecsight.vision import PrunedVisionEncoder, patchify
 STOP_TOKEN = "<|im_end|>"
 STATE_FILE = "train_state.pt"
 # Data seeds: training clips are TRAIN_SEED_BASE + i; evaluation defaults elsewhere
-# (codecsight.eval.EVAL_SEED_BASE) so the two suites never share a clip.
+# (codecsight.tools.eval.EVAL_SEED_BASE) so the two suites never share a clip.
 TRAIN_SEED_BASE = 100_000
 # Training windows: a serving window, or its last 1, 2 or 4 sampled frames (what a server
 # with a shorter WINDOW_SECONDS holds at that moment) -> share of visits. Short windows are
@@ -130,7 +131,7 @@ def policy_keep_masks(path: Path, geometry: Geometry, policy: str, *, analysis_f
     Runs the server's own `parser.StreamParser` over the clip's chunks, so training on a
     pruned policy sees exactly the patches codec_parser would send.
     """
-    from codecsight.demux import iter_chunks, probe
+    from codecsight_client.demux import iter_chunks, probe
     from codecsight.parser import StreamParser
 
     info = probe(str(path))
@@ -966,7 +967,7 @@ on the machine below):
 - Stage 2 ({config.steps} steps): {"the ViT frozen, its tokens computed once per window; "
   "the LLM" if config.freeze_vision else "ViT (lr x " + f"{config.vision_lr_scale:g}" + ") and LLM"}
   learns the answers with the loss on answer tokens and the stop token only.
-- Data: {config.clips} generated clips (`codecsight.synth.generate_scene`, seeds
+- Data: {config.clips} generated clips (`codecsight.tools.synth.generate_scene`, seeds
   {base}..{base + config.clips - 1}), {config.clip_seconds:g} s at
   {synth.SceneConfig().fps:g} fps, 224x168, libx264 with a
   {synth.SceneConfig().gop_seconds:g} s GOP; {summary['train_windows']} serving windows of

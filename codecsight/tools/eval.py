@@ -1,7 +1,7 @@
 """Evaluation through the real Triton ensemble: F1 per task and policy on held-out clips.
 
 A held-out suite of generated clips (seeds distinct from training) is streamed through a
-real tritonserver with `client.stream.run_stream`, once per patch policy x refresh policy
+real tritonserver with `codecsight_client.stream.run_stream`, once per patch policy x refresh policy
 (`protocol.PATCH_POLICIES` x `protocol.REFRESH_POLICIES`, so policies added there are
 picked up). Every clip is streamed once per task: each request of that stream carries the
 question about the window it completes, and the answer is scored against the ground truth
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codecsight import protocol, synth
+from codecsight import protocol
+from codecsight.tools import synth
 
 # Held-out clips are EVAL_SEED_BASE + i: far from training's (train.TRAIN_SEED_BASE + ...).
 EVAL_SEED_BASE = 900_000
@@ -80,8 +81,8 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
                 analysis_fps: float, window_seconds: float,
                 stride_seconds: float | None = None) -> list[dict]:
     """Stream one clip asking one task's questions; one record per request."""
-    from client.stream import StreamSettings, run_stream
-    from codecsight.demux import iter_chunks, probe
+    from codecsight_client.stream import StreamSettings, run_stream
+    from codecsight_client.demux import iter_chunks, probe
 
     info = probe(str(clip.path))
     qas = [q[task] for q in clip.questions]
@@ -448,8 +449,8 @@ def _split(text: str | None):
 
 
 def run(args) -> int:
-    from client.stream import connect
-    from codecsight.cli import build
+    from codecsight_client.stream import connect
+    from codecsight.tools.cli import build
     from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
 
     model_dir = Path(args.model_dir)

@@ -178,15 +178,28 @@ def _annexb_packets(source: str) -> Iterator[tuple[bytes, float, float, bool]]:
         container.close()
 
 
-def nal_unit_types(data: bytes, codec: str = "h264") -> list[int]:
-    """NAL unit types in an Annex-B byte stream, in order (H.264: 5 IDR, 7 SPS, 8 PPS)."""
-    types = []
+# The NAL unit type of the first unit of a keyframe's access unit as h264_mp4toannexb
+# writes it: H.264 SPS, HEVC VPS (parameter sets go in front of every keyframe).
+_KEYFRAME_FIRST_NAL = {"h264": 7, "hevc": 32}
+
+
+def nal_units(data: bytes, codec: str = "h264") -> Iterator[tuple[int, int]]:
+    """(offset, NAL unit type) of each NAL unit in Annex-B data, in order.
+
+    offset is where its start code begins (a 4-byte start code's leading zero included).
+    Types: H.264 5 IDR, 7 SPS, 8 PPS; HEVC 32 VPS, 33 SPS, 34 PPS.
+    """
     pos = data.find(b"\x00\x00\x01")
     while pos != -1 and pos + 3 < len(data):
         header = data[pos + 3]
-        types.append(header & 0x1F if codec == "h264" else (header >> 1) & 0x3F)
+        nal_type = header & 0x1F if codec == "h264" else (header >> 1) & 0x3F
+        yield (pos - 1 if pos > 0 and data[pos - 1] == 0 else pos), nal_type
         pos = data.find(b"\x00\x00\x01", pos + 3)
-    return types
+
+
+def nal_unit_types(data: bytes, codec: str = "h264") -> list[int]:
+    """NAL unit types in an Annex-B byte stream, in order (H.264: 5 IDR, 7 SPS, 8 PPS)."""
+    return [nal_type for _, nal_type in nal_units(data, codec)]
 
 
 def last_keyframe_offset(data: bytes, codec: str = "h264") -> int:
@@ -195,17 +208,9 @@ def last_keyframe_offset(data: bytes, codec: str = "h264") -> int:
     Keyframes carry their parameter sets in front (h264_mp4toannexb puts them there), so the
     last H.264 SPS (HEVC VPS) starts the last access unit a fresh decoder can begin with.
     """
-    first_type = {"h264": 7, "hevc": 32}.get(codec)
-    if first_type is None:
-        return -1
-    found, pos = -1, data.find(b"\x00\x00\x01")
-    while pos != -1 and pos + 3 < len(data):
-        header = data[pos + 3]
-        nal_type = header & 0x1F if codec == "h264" else (header >> 1) & 0x3F
-        if nal_type == first_type:
-            found = pos - 1 if pos > 0 and data[pos - 1] == 0 else pos  # 4-byte start code
-        pos = data.find(b"\x00\x00\x01", pos + 3)
-    return found
+    first_type = _KEYFRAME_FIRST_NAL.get(codec)
+    return max((offset for offset, nal_type in nal_units(data, codec) if nal_type == first_type),
+               default=-1)
 
 
 def _has_parameter_sets(data: bytes, codec: str) -> bool:

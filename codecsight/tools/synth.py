@@ -25,7 +25,8 @@ from typing import Sequence
 import av
 import numpy as np
 
-MACROBLOCK = 16  # H.264 macroblock side in pixels: the resolution of the motion truth
+from codecsight.codec import MACROBLOCK, macroblock_grid
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,9 @@ def moving_boxes(num_frames: int, width: int, height: int, *,
             noise = noise_rng.standard_normal(frame.shape, dtype=np.float32) * noise_sigma
             frame = np.clip(np.rint(frame + noise), 0, 255).astype(np.uint8)
         frames[t] = frame
-    return frames, Truth(boxes=rects, moving=_moving_mask(boxes, rects, pan, height, width))
+    return frames, Truth(boxes=rects, moving=_moving_mask(
+        rects, np.array([[b.vx + pan != 0 or b.vy != 0 for b in boxes]] * num_frames, bool),
+        height, width))
 
 
 def _paste(frame: np.ndarray, sprite: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
@@ -141,26 +144,30 @@ def _paste(frame: np.ndarray, sprite: np.ndarray, rect: tuple[int, int, int, int
     return np.array([cx0, cy0, cx1, cy1], np.int32)
 
 
-def _moving_mask(boxes: Sequence[Box], rects: np.ndarray, pan: int,
-                 height: int, width: int) -> np.ndarray:
+def _moving_mask(rects: np.ndarray, moved: np.ndarray, height: int, width: int) -> np.ndarray:
     """Macroblocks an object moved across between frames t-1 and t, bool [F, Hmb, Wmb].
 
-    An object counts as moving when it moves relative to the background (screen velocity
-    plus pan), because that is what the codec path sees after removing global motion. The
-    region is the union of its old and new rectangle: both uncovered and covered pixels change.
+    rects: int [F, B, 4] (x0, y0, x1, y1) per frame and object; moved: bool [F, B], whether
+    object b moved relative to the background between t-1 and t (what the codec path sees
+    after removing global motion). The region is the union of the old and new rectangle:
+    both uncovered and covered pixels change.
     """
-    num_frames = rects.shape[0]
-    mb_h, mb_w = -(-height // MACROBLOCK), -(-width // MACROBLOCK)
-    moving = np.zeros((num_frames, mb_h, mb_w), bool)
-    for b, box in enumerate(boxes):
-        if box.vx + pan == 0 and box.vy == 0:
-            continue
-        for t in range(1, num_frames):
-            for x0, y0, x1, y1 in (rects[t - 1, b], rects[t, b]):
-                if x1 > x0 and y1 > y0:
-                    moving[t, y0 // MACROBLOCK:-(-y1 // MACROBLOCK),
-                           x0 // MACROBLOCK:-(-x1 // MACROBLOCK)] = True
+    mb_h, mb_w = macroblock_grid(width, height)
+    moving = np.zeros((rects.shape[0], mb_h, mb_w), bool)
+    for t, b in zip(*np.nonzero(moved[1:])):
+        for x0, y0, x1, y1 in (rects[t, b], rects[t + 1, b]):
+            if x1 > x0 and y1 > y0:
+                moving[t + 1, y0 // MACROBLOCK:-(-y1 // MACROBLOCK),
+                       x0 // MACROBLOCK:-(-x1 // MACROBLOCK)] = True
     return moving
+
+
+def _moved_in_scene(world: np.ndarray) -> np.ndarray:
+    """bool [F, B]: object b's world position changed between t-1 and t (NaN across a cut)."""
+    moved = np.zeros(world.shape[:2], bool)
+    with np.errstate(invalid="ignore"):
+        moved[1:] = np.abs(world[1:] - world[:-1]).max(axis=2) > 0
+    return moved
 
 
 def encode_h264(frames: np.ndarray, fps: float, *, gop: int | None = None, bframes: int = 0,
@@ -529,25 +536,10 @@ def generate_scene(seed: int, config: SceneConfig = SceneConfig()) -> tuple[np.n
             pixels += noise_rng.standard_normal(pixels.shape, dtype=np.float32) * noise_sigma
         frames[t] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
-    truth = SceneTruth(boxes=rects, moving=_scene_moving_mask(world, rects, config),
+    truth = SceneTruth(boxes=rects, moving=_moving_mask(rects, _moved_in_scene(world), config.height, config.width),
                        centres=centres, world=world, shot=shot_of, camera=camera,
                        actors=tuple(actors), width=config.width, height=config.height, fps=fps)
     return frames, truth
-
-
-def _scene_moving_mask(world: np.ndarray, rects: np.ndarray, config: SceneConfig) -> np.ndarray:
-    """Macroblocks an object moved across (relative to the scene) since the previous frame."""
-    n = rects.shape[0]
-    mb_h, mb_w = -(-config.height // MACROBLOCK), -(-config.width // MACROBLOCK)
-    moving = np.zeros((n, mb_h, mb_w), bool)
-    for t in range(1, n):
-        step = np.abs(world[t] - world[t - 1]).max(axis=1)      # NaN across a cut: not moving
-        for i in np.flatnonzero(step > 0):
-            for x0, y0, x1, y1 in (rects[t - 1, i], rects[t, i]):
-                if x1 > x0 and y1 > y0:
-                    moving[t, y0 // MACROBLOCK:-(-y1 // MACROBLOCK),
-                           x0 // MACROBLOCK:-(-x1 // MACROBLOCK)] = True
-    return moving
 
 
 def write_clip(seed: int, path: str | Path,
@@ -743,20 +735,20 @@ def serving_windows(path: str | Path, *, analysis_fps: float, window_seconds: fl
     The client cuts the file into chunks of stride_seconds (default: the window) with
     `demux.iter_chunks`; the server decodes each chunk with a `StreamDecoder` (draining it on
     the last), samples with `FrameSampler` at analysis_fps and keeps the frames of
-    (newest - window_seconds, newest] in an `llm.Window`. These are the same objects the
+    (newest - window_seconds, newest] in an `llm.SlidingWindow`. These are the same objects the
     serving path uses, so the frames labelled are exactly the frames the LLM sees.
     group_pixels: also return each window frame's pixels as `codec.frame_to_rgb` gives them.
     """
     import torch
 
     from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb
-    from codecsight.demux import iter_chunks, probe
-    from codecsight.llm import Window, WindowFrame
+    from codecsight_client.demux import iter_chunks, probe
+    from codecsight.llm import SlidingWindow, WindowFrame
 
     info = probe(str(path))
     decoder = StreamDecoder(info.codec, export_mvs=False)
     sampler = FrameSampler(info.fps, analysis_fps)
-    window = Window(window_seconds)
+    window = SlidingWindow(window_seconds)
     pixels: dict[int, np.ndarray] = {}
     previous: dict[int, np.ndarray] = {}
     last = None
