@@ -62,9 +62,12 @@ def scalar(request, name: str, pb_utils) -> float:
 
 
 def response(pb_utils, **outputs) -> object:
-    """An InferenceResponse whose outputs get a batch dimension of 1; str -> BYTES, dict -> JSON."""
+    """An InferenceResponse whose outputs get a batch dimension of 1; str -> BYTES; a
+    statistics dataclass (protocol.ParseStats, LlmStats) or a dict -> JSON."""
     tensors = []
     for name, value in outputs.items():
+        if hasattr(value, "to_json"):
+            value = value.to_json()
         if isinstance(value, dict):
             value = json.dumps(value, sort_keys=True)
         if isinstance(value, str):

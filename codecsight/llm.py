@@ -39,7 +39,7 @@ from transformers import DynamicCache
 # RoPE's pairing (dimension i turns with i + d/2), the model's own function.
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
-from codecsight.protocol import FRAME_TYPE_NAMES, META
+from codecsight.protocol import FRAME_TYPE_NAMES, META, LlmStats
 
 PROMPT_PREFIX = "<|im_start|>user\n<|vision_start|>"
 PROMPT_SUFFIX = "<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -519,7 +519,7 @@ class StreamSession:
         return self.window.nbytes + self.kv_bytes
 
     def step(self, vlm: VisualLM, frames: list[WindowFrame], question: str,
-             refresh: str = "") -> tuple[Answer | None, dict]:
+             refresh: str = "") -> tuple[Answer | None, LlmStats]:
         """Slide the window over new frames; answer the stream's question if it has one.
 
         An empty question or refresh keeps the stream's current one; a given one replaces it.
@@ -530,17 +530,16 @@ class StreamSession:
             self.refresh = refresh
         dropped = self.window.add(frames)
         current = self.window.frames
-        stats = {
-            "refresh": self.refresh, "frames_added": len(frames), "frames_dropped": len(dropped),
-            "window_frames": len(current),
-            "window_frame_range": [current[0].frame_index, current[-1].frame_index]
+        stats = LlmStats(
+            refresh=self.refresh, frames_added=len(frames), frames_dropped=len(dropped),
+            window_frames=len(current),
+            window_frame_range=[current[0].frame_index, current[-1].frame_index]
             if current else None,
-            "window_t_range": [current[0].t, current[-1].t] if current else None,
-        }
+            window_t_range=[current[0].t, current[-1].t] if current else None,
+            tokens_prefilled=0, tokens_reused=0, tokens_refreshed=0, kv_bytes=self.kv_bytes)
         if not self.question or not current:
             # Nothing is due: the KV cache catches up when a question is.
-            return None, dict(stats, tokens_prefilled=0, tokens_reused=0, tokens_refreshed=0,
-                              kv_bytes=self.kv_bytes)
+            return None, stats
         if self.kv is None:
             self.kv = KVWindow(vlm)
         try:
@@ -551,8 +550,8 @@ class StreamSession:
             self.kv = None
             raise
         self.windows_answered += 1
-        stats.update(
-            tokens_prefilled=answer.tokens_prefilled, tokens_reused=answer.tokens_reused,
+        stats = dataclasses.replace(
+            stats, tokens_prefilled=answer.tokens_prefilled, tokens_reused=answer.tokens_reused,
             tokens_refreshed=answer.tokens_refreshed, tokens_new=answer.tokens_new,
             anchors_refreshed=answer.anchors_refreshed, visual_tokens=answer.visual_tokens,
             kv_bytes=answer.kv_bytes, kv_rows=self.kv.rows,

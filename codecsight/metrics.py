@@ -1,7 +1,7 @@
 """Savings you can watch: custom Prometheus metrics of the Python-backend models.
 
 A model creates one `ModelMetrics(pb_utils, model_name)` in `initialize` and hands it the
-stats dict it already returns (PARSE_STATS, LLM_STATS) after each request. Triton serves the
+statistics it already returns (PARSE_STATS, LLM_STATS) after each request. Triton serves the
 metrics on its metrics port (`/metrics`, 8002 by default) next to its own `nv_*` metrics.
 Takes the `triton_python_backend_utils` module as an argument so the library never imports
 it (it exists only inside the Triton stub); tests pass a stand-in.
@@ -13,6 +13,8 @@ Counters only grow: divide their rates, e.g.
 of patches the ViT really ran on.
 """
 from __future__ import annotations
+
+from codecsight.protocol import LlmStats, ParseStats
 
 # name -> (kind, help, labels besides "model"). The README's metrics table mirrors this.
 METRICS = {
@@ -74,16 +76,16 @@ class ModelMetrics:
                 labels={"model": self.model_name, **{k: str(v) for k, v in labels.items()}})
         return self._metrics[key]
 
-    def observe_parse(self, stats: dict, streams=None) -> None:
-        """Count one codec_parser request from its PARSE_STATS dict.
+    def observe_parse(self, stats: ParseStats, streams=None) -> None:
+        """Count one codec_parser request from its PARSE_STATS.
 
         streams: the instance's live streams (len() is the active-stream gauge); None leaves
-        the gauge to stats["active_streams"] when present.
+        the gauge to stats.active_streams when set.
         """
         self._guard(self._observe_parse, stats, streams)
 
-    def observe_llm(self, stats: dict, streams=None) -> None:
-        """Count one llm_prefill request from its LLM_STATS dict.
+    def observe_llm(self, stats: LlmStats, streams=None) -> None:
+        """Count one llm_prefill request from its LLM_STATS.
 
         streams: the instance's live streams (supports `in` and len()); KV bytes of streams no
         longer in it (ended, evicted) stop counting towards codecsight_kv_bytes.
@@ -94,40 +96,37 @@ class ModelMetrics:
         """Set the active-stream gauge, e.g. after an eviction pass."""
         self._guard(lambda: self.metric("codecsight_active_streams").set(float(count)))
 
-    def _observe_parse(self, stats: dict, streams) -> None:
-        policy = stats.get("policy", "")
-        frames = int(stats.get("frames_sampled", 0))
-        parser_ms = float(stats.get("parser_ms", 0.0))
-        self.metric("codecsight_frames_sampled_total", policy=policy).increment(frames)
-        self.metric("codecsight_patches_kept_total", policy=policy).increment(
-            int(stats.get("patches_kept", 0)))
-        self.metric("codecsight_patches_total", policy=policy).increment(
-            int(stats.get("patches_total", 0)))
+    def _observe_parse(self, stats: ParseStats, streams) -> None:
+        policy = stats.policy
+        self.metric("codecsight_frames_sampled_total", policy=policy).increment(
+            stats.frames_sampled)
+        self.metric("codecsight_patches_kept_total", policy=policy).increment(stats.patches_kept)
+        self.metric("codecsight_patches_total", policy=policy).increment(stats.patches_total)
         self.metric("codecsight_parser_seconds_total", policy=policy).increment(
-            parser_ms / 1000.0)
-        if frames:
-            self.metric("codecsight_parser_ms_per_frame", policy=policy).set(parser_ms / frames)
-        self._set_active(stats, streams)
+            stats.parser_ms / 1000.0)
+        if stats.frames_sampled:
+            self.metric("codecsight_parser_ms_per_frame", policy=policy).set(
+                stats.parser_ms / stats.frames_sampled)
+        self._set_active(stats.active_streams, streams)
 
-    def _observe_llm(self, stats: dict, streams) -> None:
-        refresh = stats.get("refresh", "")
+    def _observe_llm(self, stats: LlmStats, streams) -> None:
+        refresh = stats.refresh
         for key in ("tokens_prefilled", "tokens_reused", "tokens_refreshed"):
             self.metric(f"codecsight_{key}_total", refresh=refresh).increment(
-                int(stats.get(key, 0)))
-        if stats.get("prefill_ms") is not None:   # absent when no question was due
+                getattr(stats, key))
+        if stats.answered:   # no prefill when no question was due
             self.metric("codecsight_windows_total", refresh=refresh).increment(1)
             self.metric("codecsight_prefill_seconds_total", refresh=refresh).increment(
-                float(stats["prefill_ms"]) / 1000.0)
-        stream = stats.get("stream")
-        if stream is not None and "kv_bytes" in stats:
-            self._kv_bytes[stream] = int(stats["kv_bytes"])
+                stats.prefill_ms / 1000.0)
+        if stats.stream is not None:
+            self._kv_bytes[stats.stream] = stats.kv_bytes
         if streams is not None:
             self._kv_bytes = {s: b for s, b in self._kv_bytes.items() if s in streams}
         self.metric("codecsight_kv_bytes").set(float(sum(self._kv_bytes.values())))
-        self._set_active(stats, streams)
+        self._set_active(stats.active_streams, streams)
 
-    def _set_active(self, stats: dict, streams) -> None:
-        count = len(streams) if streams is not None else stats.get("active_streams")
+    def _set_active(self, stats_count: int | None, streams) -> None:
+        count = len(streams) if streams is not None else stats_count
         if count is not None:
             self.metric("codecsight_active_streams").set(float(count))
 

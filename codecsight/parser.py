@@ -24,7 +24,7 @@ import numpy as np
 from codecsight.checkpoint import Geometry
 from codecsight.codec import FrameSampler, StreamDecoder
 from codecsight.policy import POLICIES, PruningConfig, StreamMasks
-from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META
+from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META, ParseStats
 from codecsight.vision import patchify
 
 # Codecs whose motion vectors FFmpeg exports; other streams cannot use the codec policy.
@@ -37,7 +37,7 @@ class ParseResult:
     patches: np.ndarray     # [N, patch_dim] float32, block-major per frame
     positions: np.ndarray   # [N, 3] int64 (t, h, w) patch coordinates
     frame_meta: np.ndarray  # [F, len(FRAME_META_COLUMNS)] int64
-    stats: dict
+    stats: ParseStats
     keep: list = dataclasses.field(default_factory=list)     # bool [grid_h, grid_w] per frame
     whole_frame: list = dataclasses.field(default_factory=list)  # per frame: why kept whole, or None
 
@@ -150,33 +150,31 @@ class StreamParser:
         total_groups = int(meta[:, META["grid_h"]].dot(meta[:, META["grid_w"]]))
         kept_groups = int(meta[:, META["kept_groups"]].sum())
         codec_frames = [s for s in signals if s.intra_share is not None]
-        stats = {
-            "policy": applied, "policy_requested": requested, "codec": self.codec,
-            "chunk_bytes": len(chunk),
-            "frames_decoded": len(frames), "frames_sampled": sampled,
-            "frame_types": "".join(f.pict_type for f in frames),
-            "patches_kept": int(len(patches)),
-            "patches_total": total_groups * self.geometry.patches_per_group,
-            "groups_kept": kept_groups, "groups_total": total_groups,
-            "kept_share": kept_groups / total_groups if total_groups else None,
-            "groups_kept_per_frame": meta[:, META["kept_groups"]].tolist(),
-            "groups_flagged_by_codec": int(candidates) if applied == "codec" else None,
-            "whole_frames": dict(whole_frames),
-            "intra_share": float(np.mean([s.intra_share for s in codec_frames]))
+        errors = self.decoder.errors - errors_before
+        stats = ParseStats(
+            policy=applied, policy_requested=requested, codec=self.codec,
+            chunk_bytes=len(chunk), frames_decoded=len(frames), frames_sampled=sampled,
+            frame_types="".join(f.pict_type for f in frames),
+            patches_kept=int(len(patches)),
+            patches_total=total_groups * self.geometry.patches_per_group,
+            groups_kept=kept_groups, groups_total=total_groups,
+            kept_share=kept_groups / total_groups if total_groups else None,
+            groups_kept_per_frame=meta[:, META["kept_groups"]].tolist(),
+            groups_flagged_by_codec=int(candidates) if applied == "codec" else None,
+            whole_frames=dict(whole_frames),
+            intra_share=float(np.mean([s.intra_share for s in codec_frames]))
             if codec_frames else None,
-            "moving_share": float(np.mean([s.moving_share for s in codec_frames]))
+            moving_share=float(np.mean([s.moving_share for s in codec_frames]))
             if codec_frames else None,
-            "decode_errors": self.decoder.errors - errors_before,
-            "decode_ms": (t_decoded - t_start) * 1000.0,
-            "signals_ms": (t_signals - t_decoded) * 1000.0,
-            "select_ms": select_s * 1000.0,
-            "convert_ms": convert_s * 1000.0,
-            "patchify_ms": (t_end - t_patchify) * 1000.0,
-            "parser_ms": (t_end - t_start) * 1000.0,
-        }
-        if note:
-            stats["policy_fallback"] = note
-        if stats["decode_errors"]:
-            stats["decode_error"] = self.decoder.last_error
+            decode_errors=errors,
+            decode_ms=(t_decoded - t_start) * 1000.0,
+            signals_ms=(t_signals - t_decoded) * 1000.0,
+            select_ms=select_s * 1000.0,
+            convert_ms=convert_s * 1000.0,
+            patchify_ms=(t_end - t_patchify) * 1000.0,
+            parser_ms=(t_end - t_start) * 1000.0,
+            policy_fallback=note,
+            decode_error=self.decoder.last_error if errors else None,
+        )
         return ParseResult(patches.astype(np.float32, copy=False), positions, meta, stats,
                            all_keeps, why)

@@ -5,6 +5,8 @@ model.py files, perf inputs and tests cannot drift apart.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 
 import numpy as np
@@ -78,3 +80,91 @@ def read_string(array: np.ndarray) -> str:
     """The single string of a BYTES tensor of any shape with one element."""
     item = np.asarray(array).reshape(-1)[0]
     return item.decode("utf-8") if isinstance(item, (bytes, bytearray)) else str(item)
+
+
+# ---------------------------------------------------------------------------------------------
+# The statistics outputs: PARSE_STATS and LLM_STATS, one JSON object each per request.
+# Models build these dataclasses; the client, metrics, bench, eval and perf scripts read them
+# back with from_json. An unknown or missing key is a TypeError: the schema has one source.
+
+
+class _WireStats:
+    """to_json / from_json for the statistics dataclasses below."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes):
+        """Parse one statistics object; raises TypeError naming an unknown or missing key."""
+        return cls(**json.loads(text))
+
+
+@dataclasses.dataclass
+class ParseStats(_WireStats):
+    """PARSE_STATS: what codec_parser did with one request's chunk."""
+
+    policy: str                      # patch policy applied (PATCH_POLICIES)
+    policy_requested: str            # the one asked for; differs after a fallback
+    codec: str                       # the stream's codec ("h264", "hevc", ...)
+    chunk_bytes: int                 # compressed bytes received
+    frames_decoded: int
+    frames_sampled: int              # frames sampled at the analysis fps
+    frame_types: str                 # "IPPB..." per decoded frame, display order
+    patches_kept: int                # ViT patches sent on (4 per kept merge group)
+    patches_total: int               # patches of every sampled frame (what dense sends)
+    groups_kept: int                 # merge groups kept
+    groups_total: int
+    kept_share: float | None         # groups_kept / groups_total; None without sampled frames
+    groups_kept_per_frame: list      # int per sampled frame
+    groups_flagged_by_codec: int | None  # candidates before the pixel check (codec only)
+    whole_frames: dict               # reason (policy.WHOLE_FRAME_REASONS) -> frames kept whole
+    intra_share: float | None        # mean share of intra macroblocks (codec signals only)
+    moving_share: float | None       # mean share of moving macroblocks (codec signals only)
+    decode_errors: int               # damaged packets or frames in this chunk
+    decode_ms: float                 # wall time per step of codec_parser, milliseconds
+    signals_ms: float
+    select_ms: float
+    convert_ms: float
+    patchify_ms: float
+    parser_ms: float                 # all of the above
+    policy_fallback: str | None = None  # why policy differs from policy_requested
+    decode_error: str | None = None  # the last decoder error, when decode_errors > 0
+    whole_frame_seconds: float | None = None  # the stream's effective whole-frame timer
+    stream: str | int | None = None  # set by the model: the stream (sequence) ID
+    active_streams: int | None = None  # set by the model: streams this instance holds
+
+
+@dataclasses.dataclass
+class LlmStats(_WireStats):
+    """LLM_STATS: what llm_prefill did with one stream's window.
+
+    Fields after kv_bytes describe the answer and are None when no question was due.
+    """
+
+    refresh: str                     # KV refresh policy applied (REFRESH_POLICIES)
+    frames_added: int                # sampled frames this request brought
+    frames_dropped: int              # frames that slid out of the window
+    window_frames: int               # frames in the window now
+    window_frame_range: list | None  # [first, last] display-order frame index in the window
+    window_t_range: list | None      # [first, last] sampled-frame index t in the window
+    tokens_prefilled: int            # tokens run through the LLM: new + refreshed + question
+    tokens_reused: int               # KV rows kept without recomputation
+    tokens_refreshed: int            # KV rows recomputed although cached
+    kv_bytes: int                    # bytes the stream's KV cache holds
+    tokens_new: int | None = None    # rows not cached before
+    anchors_refreshed: int | None = None  # I-frame anchors re-prefilled
+    visual_tokens: int | None = None  # visual tokens in the window
+    kv_rows: int | None = None
+    prefill_ms: float | None = None  # window refresh plus question, to the first logits
+    decode_ms: float | None = None
+    answer_tokens: int | None = None
+    stream: str | int | None = None  # set by the model: the stream (sequence) ID
+    active_streams: int | None = None  # set by the model: streams this instance holds
+    state_bytes: int | None = None   # set by the model: bytes the stream's state holds
+    batch_size: int | None = None    # set by the model: requests in this execution
+
+    @property
+    def answered(self) -> bool:
+        """True when the window was answered (a question was due)."""
+        return self.prefill_ms is not None

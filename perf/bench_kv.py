@@ -107,14 +107,14 @@ def compare(vlm, frames, window, stride, anchors: list[int], question: str) -> l
         ref, ref_stats = full.step(vlm, step, question)
         for a, session in selective.items():
             got, stats = session.step(vlm, step, question)
-            if ref_stats["frames_dropped"] == 0:
+            if ref_stats.frames_dropped == 0:
                 continue  # the window has not slid yet: both prefill the same, by construction
             records[a].append(dict(
                 tokens_full=ref.tokens_prefilled, tokens_selective=got.tokens_prefilled,
                 ms_full=ref.prefill_ms, ms_selective=got.prefill_ms,
                 reused=got.tokens_reused, refreshed=got.tokens_refreshed,
                 kl=kl_divergence(ref.first_logits, got.first_logits),
-                agree=got.token_ids == ref.token_ids, frames=ref_stats["window_frames"]))
+                agree=got.token_ids == ref.token_ids, frames=ref_stats.window_frames))
     rows = []
     for a, recs in records.items():
         if not recs:

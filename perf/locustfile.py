@@ -162,5 +162,5 @@ class CameraStream(User):
             events.request.fire(request_type="grpc", name=name,
                                 response_time=window.latency_s * 1000.0,
                                 response_length=len(chunk.data), exception=None,
-                                context={"frames": window.parse.get("frames_sampled"),
-                                         "patches_kept": window.parse.get("patches_kept")})
+                                context={"frames": window.parse.frames_sampled,
+                                         "patches_kept": window.parse.patches_kept})

@@ -53,7 +53,7 @@ def stream_live(url: str, clip: str, info, settings, chunks: list, offset_s: flo
             window, latency, error = None, float("inf"), f"{type(e).__name__}: {e}"
         with lock:
             out.append({"k": k, "latency_s": latency, "measured": k >= skip_first,
-                        "frames": window.parse.get("frames_sampled", 0) if window else 0,
+                        "frames": window.parse.frames_sampled if window else 0,
                         "error": error})
         if last or error:
             return

@@ -4,6 +4,7 @@ The library half (KVWindow, rotate_temporal) runs on the tiny checkpoint with ma
 tokens; the model.py half runs llm_prefill's model.py against a stand-in
 triton_python_backend_utils, with no server.
 """
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -17,7 +18,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VLRotaryEmbeddi
                                                             apply_rotary_pos_emb)
 
 from codecsight.llm import KVWindow, StreamSession, VisualLM, WindowFrame, rotate_temporal
-from codecsight.protocol import FRAME_TYPES
+from codecsight.protocol import FRAME_TYPES, LlmStats
 from codecsight.serve import REPO_ROOT
 
 GRID_H, GRID_W = 3, 4
@@ -215,11 +216,11 @@ def test_session_switches_policy_per_request_and_empty_keeps_it(vlm):
     session = StreamSession(window_frames=8, refresh="selective")
     session.step(vlm, frames[:8], QUESTION)
     _, stats = session.step(vlm, frames[8:10], "", "full")
-    assert stats["refresh"] == "full" and stats["tokens_reused"] == 0
+    assert stats.refresh == "full" and stats.tokens_reused == 0
     _, stats = session.step(vlm, frames[10:12], "")
-    assert stats["refresh"] == "full"
+    assert stats.refresh == "full"
     _, stats = session.step(vlm, [], "", "selective")
-    assert stats["refresh"] == "selective" and stats["tokens_reused"] == stats["kv_rows"]
+    assert stats.refresh == "selective" and stats.tokens_reused == stats.kv_rows
 
 
 # -- llm_prefill's model.py, against a stand-in triton_python_backend_utils ------------------
@@ -243,7 +244,7 @@ class FakeResponse:
 
     def stats(self):
         assert self.error is None, self.error.message
-        return json.loads(self.outputs["LLM_STATS"].reshape(-1)[0])
+        return LlmStats.from_json(self.outputs["LLM_STATS"].reshape(-1)[0])
 
     def answer(self):
         return self.outputs["ANSWER"].reshape(-1)[0].decode()
@@ -327,13 +328,14 @@ def test_interleaved_streams_in_one_execution_answer_as_alone(load_model):
     state: the same answers and counts as each stream run on its own."""
     model = load_model(anchor_refresh_frames=1)
     clips = {"cam-a": clip_frames(12, seed=1), "cam-b": clip_frames(12, seed=2, i_every=5)}
-    solo = {sid: [r.stats() | {"answer": r.answer()} for r in
+    solo = {sid: [dataclasses.asdict(r.stats()) | {"answer": r.answer()} for r in
                   (run(model, [q])[0] for q in stream_requests(sid, frames, 2))]
             for sid, frames in clips.items()}
     together = {sid: [] for sid in clips}
     for pair in zip(*(stream_requests(sid, f, 2) for sid, f in clips.items())):
         for request, response in zip(pair, run(model, list(pair))):
-            together[request.stream_id].append(response.stats() | {"answer": response.answer()})
+            together[request.stream_id].append(
+                dataclasses.asdict(response.stats()) | {"answer": response.answer()})
     keys = ("answer", "tokens_prefilled", "tokens_reused", "tokens_refreshed", "kv_bytes",
             "window_frame_range")
     for sid in clips:
@@ -346,7 +348,7 @@ def test_interleaved_streams_in_one_execution_answer_as_alone(load_model):
 def test_an_evicted_stream_gets_an_error_naming_it_and_saying_to_restart(load_model):
     frames = clip_frames(8)
     one = run(load_model(), [FakeRequest("cam-probe", frames, start=True)])[0].stats()
-    model = load_model(max_state_bytes=int(1.5 * one["state_bytes"]))  # one fits, two do not
+    model = load_model(max_state_bytes=int(1.5 * one.state_bytes))  # one fits, two do not
     run(model, [FakeRequest("cam-old", frames, start=True)])
     run(model, [FakeRequest("cam-new", frames, start=True)])
     gone = run(model, [FakeRequest("cam-old", frames[:0])])[0]
@@ -370,8 +372,8 @@ def test_state_bytes_count_the_kv_cache_and_end_frees_them(load_model):
     frames = clip_frames(4)
     stats = run(model, [FakeRequest("cam-1", frames, start=True)])[0].stats()
     token_bytes = sum(f.nbytes for f in frames)
-    assert stats["kv_bytes"] > 0 and stats["state_bytes"] == stats["kv_bytes"] + token_bytes
-    assert model.streams.nbytes() == stats["state_bytes"]
+    assert stats.kv_bytes > 0 and stats.state_bytes == stats.kv_bytes + token_bytes
+    assert model.streams.nbytes() == stats.state_bytes
     run(model, [FakeRequest("cam-1", [], end=True)])
     assert model.streams.nbytes() == 0 and len(model.streams) == 0
 
@@ -385,7 +387,7 @@ def test_an_unknown_refresh_policy_is_refused_naming_the_stream(load_model):
 def test_a_stream_without_refresh_at_start_gets_the_configured_default(load_model):
     model = load_model(default_refresh="full")
     stats = run(model, [FakeRequest("cam-2", clip_frames(2), start=True)])[0].stats()
-    assert stats["refresh"] == "full"
+    assert stats.refresh == "full"
     with pytest.raises(ValueError, match="default_refresh 'fast'"):
         load_model(default_refresh="fast")
 

@@ -40,7 +40,7 @@ def test_memory_returns_after_many_streams_start_and_end(server, grpc):
     print(f"server RSS {before:.0f} MB -> {after:.0f} MB over 30 streams")
     # Every stream ended: none of the 30 left state in either stateful model (earlier tests'
     # refused requests may still hold some until their TTL, so compare with before).
-    assert last.parse["active_streams"] <= warm.parse["active_streams"]
-    assert last.llm["active_streams"] <= warm.llm["active_streams"]
+    assert last.parse.active_streams <= warm.parse.active_streams
+    assert last.llm.active_streams <= warm.llm.active_streams
     # 30 streams each held a decoder and a window (~10 MB at 768x432); none of it stays.
     assert after - before < 60, f"server grew {after - before:.0f} MB over 30 streams"

@@ -122,13 +122,13 @@ def test_session_answers_every_window_once_it_has_a_question(tiny, tiny_dir, vlm
     frames = split_frames(tokens, positions, frame_meta([0, 1], [12, 12]), 2)
     session = StreamSession(window_seconds=8.0)
     answer, stats = session.step(vlm, frames[:1], "", "full")
-    assert answer is None and stats["tokens_prefilled"] == 0
+    assert answer is None and stats.tokens_prefilled == 0
     answer, stats = session.step(vlm, frames[1:], "is anyone there?", "full")
     assert answer is not None
-    assert stats["window_frames"] == 2 and stats["visual_tokens"] == 24
-    assert stats["tokens_prefilled"] == 24 + len(vlm.prefix_ids) + len(
+    assert stats.window_frames == 2 and stats.visual_tokens == 24
+    assert stats.tokens_prefilled == 24 + len(vlm.prefix_ids) + len(
         vlm.question_ids("is anyone there?"))
-    assert stats["kv_bytes"] > 0
+    assert stats.kv_bytes > 0
     again, _ = session.step(vlm, [], "", "full")  # keeps the question, same window
     assert again.token_ids == answer.token_ids
 
@@ -140,6 +140,6 @@ def test_session_reuses_its_cache_when_frames_are_added(tiny, tiny_dir, vlm):
     session = StreamSession(window_seconds=8.0)  # selective unless told otherwise
     session.step(vlm, frames[:1], "is anyone there?")
     _, stats = session.step(vlm, frames[1:], "")
-    assert stats["refresh"] == "selective"
-    assert stats["tokens_reused"] == len(vlm.prefix_ids) + 12 and stats["tokens_new"] == 12
-    assert stats["kv_rows"] == len(vlm.prefix_ids) + 24
+    assert stats.refresh == "selective"
+    assert stats.tokens_reused == len(vlm.prefix_ids) + 12 and stats.tokens_new == 12
+    assert stats.kv_rows == len(vlm.prefix_ids) + 24

@@ -1,5 +1,5 @@
 """codecsight.metrics against a stand-in pb_utils, and on a real tritonserver's metrics port."""
-import json
+import dataclasses
 import time
 import types
 
@@ -7,20 +7,31 @@ import numpy as np
 import pytest
 
 from codecsight.metrics import METRICS, ModelMetrics, parse_prometheus
+from codecsight.protocol import LlmStats, ParseStats
 
-PARSE_DENSE = {"policy": "dense", "frames_sampled": 4, "patches_kept": 7168,
-               "patches_total": 7168, "parser_ms": 60.0, "stream": "cam-1", "active_streams": 1}
-PARSE_CODEC = {"policy": "codec", "frames_sampled": 4, "patches_kept": 1024,
-               "patches_total": 7168, "parser_ms": 20.0, "stream": "cam-2", "active_streams": 2}
+def parse_stats(**fields) -> ParseStats:
+    """A PARSE_STATS with the fields ModelMetrics reads; the rest zero."""
+    base = dict(policy="dense", policy_requested="dense", codec="h264", chunk_bytes=0,
+                frames_decoded=0, frames_sampled=0, frame_types="", patches_kept=0,
+                patches_total=0, groups_kept=0, groups_total=0, kept_share=None,
+                groups_kept_per_frame=[], groups_flagged_by_codec=None, whole_frames={},
+                intra_share=None, moving_share=None, decode_errors=0, decode_ms=0.0,
+                signals_ms=0.0, select_ms=0.0, convert_ms=0.0, patchify_ms=0.0, parser_ms=0.0)
+    return ParseStats(**{**base, **fields})
 
 
-def llm_stats(stream, refresh="selective", kv_bytes=1000, prefill_ms=12.5, **counts):
-    stats = {"refresh": refresh, "stream": stream, "kv_bytes": kv_bytes, "tokens_prefilled": 300,
-             "tokens_reused": 1500, "tokens_refreshed": 20, "active_streams": 1}
-    if prefill_ms is not None:
-        stats["prefill_ms"] = prefill_ms
-    stats.update(counts)
-    return stats
+PARSE_DENSE = parse_stats(policy="dense", frames_sampled=4, patches_kept=7168,
+                          patches_total=7168, parser_ms=60.0, stream="cam-1", active_streams=1)
+PARSE_CODEC = parse_stats(policy="codec", frames_sampled=4, patches_kept=1024,
+                          patches_total=7168, parser_ms=20.0, stream="cam-2", active_streams=2)
+
+
+def llm_stats(stream, refresh="selective", kv_bytes=1000, prefill_ms=12.5, **counts) -> LlmStats:
+    fields = dict(refresh=refresh, stream=stream, kv_bytes=kv_bytes, tokens_prefilled=300,
+                  tokens_reused=1500, tokens_refreshed=20, active_streams=1,
+                  prefill_ms=prefill_ms, frames_added=0, frames_dropped=0, window_frames=0,
+                  window_frame_range=None, window_t_range=None)
+    return LlmStats(**{**fields, **counts})
 
 
 class FakeMetric:
@@ -94,7 +105,7 @@ def test_patches_kept_and_total_are_counted_per_policy(pb_utils):
 def test_parser_time_is_counted_in_seconds_and_shown_per_frame(pb_utils):
     metrics = ModelMetrics(pb_utils, "codec_parser")
     metrics.observe_parse(PARSE_DENSE)
-    metrics.observe_parse(dict(PARSE_DENSE, parser_ms=100.0, frames_sampled=5))
+    metrics.observe_parse(dataclasses.replace(PARSE_DENSE, parser_ms=100.0, frames_sampled=5))
     assert value(metrics, "codecsight_parser_seconds_total", policy="dense") == pytest.approx(0.16)
     assert value(metrics, "codecsight_parser_ms_per_frame", policy="dense") == 20.0
 
@@ -102,8 +113,8 @@ def test_parser_time_is_counted_in_seconds_and_shown_per_frame(pb_utils):
 def test_a_chunk_without_sampled_frames_leaves_the_per_frame_gauge_alone(pb_utils):
     metrics = ModelMetrics(pb_utils, "codec_parser")
     metrics.observe_parse(PARSE_DENSE)
-    metrics.observe_parse(dict(PARSE_DENSE, frames_sampled=0, patches_kept=0, patches_total=0,
-                               parser_ms=3.0))
+    metrics.observe_parse(dataclasses.replace(PARSE_DENSE, frames_sampled=0, patches_kept=0,
+                                              patches_total=0, parser_ms=3.0))
     assert value(metrics, "codecsight_parser_ms_per_frame", policy="dense") == 15.0
 
 
@@ -160,7 +171,7 @@ def test_active_streams_fall_back_to_the_stats_count(pb_utils):
 
 def test_a_failing_metric_never_fails_the_request_and_is_logged_once(pb_utils):
     metrics = ModelMetrics(pb_utils, "codec_parser")
-    bad = dict(PARSE_DENSE, patches_kept=-5)  # a counter cannot go down
+    bad = dataclasses.replace(PARSE_DENSE, patches_kept=-5)  # a counter cannot go down
     metrics.observe_parse(bad)
     metrics.observe_parse(bad)
     assert metrics.errors == 2
@@ -200,15 +211,15 @@ output [ { name: "ERRORS" data_type: TYPE_INT32 dims: [ 1 ] } ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
-# A model that only feeds stats dicts to ModelMetrics: the real pb_utils, the real stub.
+# A model that only feeds PARSE_STATS/LLM_STATS to ModelMetrics: the real pb_utils, the real stub.
 PROBE_MODEL = '''
 import os
 import sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from codecsight.metrics import ModelMetrics
+from codecsight.protocol import LlmStats, ParseStats
 
 
 class TritonPythonModel:
@@ -220,8 +231,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             kind = pb_utils.get_input_tensor_by_name(request, "KIND").as_numpy()[0].decode()
-            stats = json.loads(pb_utils.get_input_tensor_by_name(request, "STATS").as_numpy()[0])
-            self.streams.add(stats["stream"])
+            text = pb_utils.get_input_tensor_by_name(request, "STATS").as_numpy()[0]
+            stats = (ParseStats if kind == "parse" else LlmStats).from_json(text)
+            self.streams.add(stats.stream)
             getattr(self.metrics, "observe_" + kind)(stats, streams=self.streams)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(
                 "ERRORS", np.array([self.metrics.errors], np.int32))]))
@@ -271,7 +283,7 @@ def test_metrics_appear_on_tritons_metrics_port(probe_server):
 
     def send(kind, stats, model="metrics_probe"):
         inputs = []
-        for name, text in (("KIND", kind), ("STATS", json.dumps(stats))):
+        for name, text in (("KIND", kind), ("STATS", stats.to_json())):
             tensor = grpcclient.InferInput(name, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
             inputs.append(tensor)

@@ -249,10 +249,10 @@ def test_first_frame_is_whole_then_codec_keeps_only_what_moved(geometry, box_str
                           config=PruningConfig(whole_frame_seconds=0))
     (result,), keeps = parse_all(parser, box_stream)
     kept = result.frame_meta[:, META["kept_groups"]]
-    assert kept[0] == GROUPS and result.stats["whole_frames"] == {"start": 1}
+    assert kept[0] == GROUPS and result.stats.whole_frames == {"start": 1}
     # the box (48x32, 12 px further each sampled frame) touches 2-3 x 3-4 groups
     assert all(3 <= k <= 12 for k in kept[1:])
-    assert result.stats["kept_share"] < 0.2
+    assert result.stats.kept_share < 0.2
 
 
 def test_i_frames_are_not_reasons_to_keep_a_whole_frame(geometry, box_stream):
@@ -273,7 +273,7 @@ def test_a_timer_keeps_a_whole_frame_every_whole_frame_seconds(geometry, box_str
     whole = [int(m[META["time_ms"]]) for m in result.frame_meta
              if m[META["kept_groups"]] == GROUPS]
     assert whole == [0, 4000, 8000]
-    assert result.stats["whole_frames"] == {"start": 1, "timer": 2}
+    assert result.stats.whole_frames == {"start": 1, "timer": 2}
 
 
 def test_a_scene_cut_keeps_the_whole_frame(geometry):
@@ -284,7 +284,7 @@ def test_a_scene_cut_keeps_the_whole_frame(geometry):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
                           config=PruningConfig(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
-    assert result.stats["whole_frames"] == {"start": 1, "scene_cut": 1}
+    assert result.stats.whole_frames == {"start": 1, "scene_cut": 1}
     cut = [int(m[META["frame_index"]]) for m in result.frame_meta[1:]
            if m[META["kept_groups"]] == GROUPS]
     assert cut == [44]                          # first sampled frame after frame 40
@@ -298,7 +298,7 @@ def test_a_scene_cut_on_an_i_frame_is_found_by_its_pixels(geometry):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
                           config=PruningConfig(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
-    assert result.stats["whole_frames"] == {"start": 1, "scene_cut": 1}
+    assert result.stats.whole_frames == {"start": 1, "scene_cut": 1}
     whole = [int(m[META["frame_index"]]) for m in result.frame_meta
              if m[META["kept_groups"]] == GROUPS]
     assert whole == [0, 44]
@@ -313,12 +313,12 @@ def test_state_advances_under_every_policy_so_a_stream_can_switch(geometry, box_
     for i, (chunk, policy) in enumerate(zip(chunks, ["dense", "codec", "evs", "codec"])):
         got = switching.parse(chunk, policy, final=i == 3)
         reference = always.parse(chunk, "codec", final=i == 3)
-        assert got.stats["policy"] == policy
+        assert got.stats.policy == policy
         if i == 1:   # the first codec request after dense: no new start, prunes at once
-            assert got.stats["whole_frames"] == {}
-            assert got.stats["kept_share"] < 0.3
-            assert got.stats["groups_flagged_by_codec"] == reference.stats[
-                "groups_flagged_by_codec"]
+            assert got.stats.whole_frames == {}
+            assert got.stats.kept_share < 0.3
+            assert got.stats.groups_flagged_by_codec == \
+                reference.stats.groups_flagged_by_codec
 
 
 def test_patches_are_the_kept_groups_of_whole_frame_patchify(geometry, box_stream):
@@ -374,9 +374,9 @@ def test_hevc_streams_fall_back_to_evs_and_say_so(geometry):
     data = encode_h264(frames, FPS, gop=15, codec="libx265")
     parser = StreamParser(geometry, "hevc", FPS, 2.0, policy="codec")
     result = parser.parse(data, final=True)
-    assert result.stats["policy"] == "evs" and result.stats["policy_requested"] == "codec"
-    assert "hevc" in result.stats["policy_fallback"]
-    assert result.stats["intra_share"] is None        # no motion vectors were read
+    assert result.stats.policy == "evs" and result.stats.policy_requested == "codec"
+    assert "hevc" in result.stats.policy_fallback
+    assert result.stats.intra_share is None        # no motion vectors were read
     assert result.frame_meta[1:, META["kept_groups"]].tolist() == [int(GROUPS * 0.4)] * 4
 
 

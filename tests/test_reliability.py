@@ -46,9 +46,9 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
     assert resumed and "from its last keyframe" in resumed[0]
     assert all(w.answer for w in before + after)
     # The video since the last keyframe was re-sent, so the new decoder had frames at once.
-    assert after[0].parse["frames_decoded"] > after[1].parse["frames_decoded"] > 0
-    assert after[0].parse["decode_errors"] == 0
-    assert after[1].llm["window_frames"] > 0
+    assert after[0].parse.frames_decoded > after[1].parse.frames_decoded > 0
+    assert after[0].parse.decode_errors == 0
+    assert after[1].llm.window_frames > 0
 
 
 def test_admin_apis_need_the_key_and_inference_does_not(server):

@@ -85,7 +85,7 @@ def test_soak_with_faults_and_a_restart(tmp_path):
                     for j in rng.sample(range(len(data)), 100):
                         data[j] ^= 0xFF
                     window = stream.send(bytes(data), last=True)
-                    count("corrupt chunks reported" if window.parse["decode_errors"]
+                    count("corrupt chunks reported" if window.parse.decode_errors
                           else "corrupt chunks decoded clean")
                 elif kind == "noise":
                     noise = np.random.default_rng(rng.randrange(1 << 30)).integers(
@@ -142,7 +142,7 @@ def test_soak_with_faults_and_a_restart(tmp_path):
     time.sleep(65)
     # Models evict on their next request: one short stream lets them notice the TTL.
     probe_stream = StreamClient(connect(url), f"probe-{uuid.uuid4().hex[:6]}", settings)
-    assert probe_stream.send(chunks[0], last=True).parse["active_streams"] == 0
+    assert probe_stream.send(chunks[0], last=True).parse.active_streams == 0
     settled = rss_mb(server)
     first_phase = [m for t, m in memory if t < duration / 2]
     report = {"good_streams": streams, "minutes": duration / 60, "counts": dict(counts),

@@ -65,7 +65,7 @@ class TritonPythonModel:
             with backend.stream_state(self.streams, seq,
                                       lambda: self._new_parser(seq, request, policy)) as parser:
                 result = parser.parse(chunk.tobytes(), policy or None, final=seq.end)
-            result.stats.update(stream=seq.stream_id, active_streams=len(self.streams))
+            result.stats.stream, result.stats.active_streams = seq.stream_id, len(self.streams)
             if not seq.dry_run:
                 self.metrics.observe_parse(result.stats, streams=self.streams)
             return backend.response(pb_utils, PATCHES=result.patches, POSITIONS=result.positions,

@@ -75,8 +75,8 @@ class TritonPythonModel:
                                       backend.array(request, FRAME_META, pb_utils),
                                       self.merge_size)
                 answer, stats = session.step(self.vlm, frames, question, refresh)
-            stats.update(stream=seq.stream_id, active_streams=len(self.streams),
-                         state_bytes=session.nbytes, batch_size=batch_size)
+            stats.stream, stats.active_streams = seq.stream_id, len(self.streams)
+            stats.state_bytes, stats.batch_size = session.nbytes, batch_size
             if not seq.dry_run:
                 self.metrics.observe_llm(stats, streams=self.streams)
             return backend.response(pb_utils, ANSWER=answer.text if answer else "",
