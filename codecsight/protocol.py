@@ -32,9 +32,6 @@ ANSWER = "ANSWER"                  # BYTES [1, 1]: the window's answer ("" if no
 PARSE_STATS = "PARSE_STATS"        # BYTES [1, 1]: JSON from codec_parser
 LLM_STATS = "LLM_STATS"            # BYTES [1, 1]: JSON from llm_prefill
 
-ENSEMBLE_INPUTS = (CHUNK, CODEC, SOURCE_FPS, ANALYSIS_FPS, POLICY, REFRESH, WINDOW_SECONDS,
-                   QUESTION)
-ENSEMBLE_OUTPUTS = (ANSWER, PARSE_STATS, LLM_STATS)
 
 # One row per sampled frame emitted by codec_parser.
 FRAME_META_COLUMNS = (
@@ -52,6 +49,61 @@ FRAME_TYPE_NAMES = {v: k for k, v in FRAME_TYPES.items()}
 
 PATCH_POLICIES = ("dense", "evs", "codec")
 REFRESH_POLICIES = ("full", "selective")
+
+# Every tensor each model of the repository takes and gives, as its config.pbtxt declares it
+# (tests/test_protocol.py holds every config to this). dims are per request, without Triton's
+# batch axis; -1 is variable; a name stands for a width set by the checkpoint, which a config
+# writes as -1 (the Python-backend configs) or as that checkpoint's number (the TensorRT one).
+PATCH_DIM, VISION_HIDDEN = "patch_dim", "vision_hidden"   # checkpoint.Geometry's names
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str      # Triton data type as config.pbtxt spells it: "TYPE_FP32", "TYPE_STRING", ...
+    dims: tuple     # ints (-1 variable) or PATCH_DIM / VISION_HIDDEN
+
+
+def _specs(*rows) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, dtype, tuple(dims)) for name, dtype, dims in rows)
+
+
+_FRAME_META_DIMS = (-1, len(FRAME_META_COLUMNS))
+MODEL_TENSORS: dict[str, dict[str, tuple[TensorSpec, ...]]] = {
+    "codec_parser": {
+        "input": _specs((CHUNK, "TYPE_UINT8", [-1]), (CODEC, "TYPE_STRING", [1]),
+                        (SOURCE_FPS, "TYPE_FP32", [1]), (ANALYSIS_FPS, "TYPE_FP32", [1]),
+                        (POLICY, "TYPE_STRING", [1]), (WINDOW_SECONDS, "TYPE_FP32", [1])),
+        "output": _specs((PATCHES, "TYPE_FP32", [-1, PATCH_DIM]),
+                         (POSITIONS, "TYPE_INT64", [-1, 3]),
+                         (FRAME_META, "TYPE_INT64", _FRAME_META_DIMS),
+                         (PARSE_STATS, "TYPE_STRING", [1])),
+    },
+    "vit_pruned": {
+        "input": _specs((PATCHES, "TYPE_FP32", [-1, PATCH_DIM]),
+                        (POSITIONS, "TYPE_INT64", [-1, 3])),
+        "output": _specs((TOKENS, "TYPE_FP32", [-1, VISION_HIDDEN])),
+    },
+    "llm_prefill": {
+        "input": _specs((TOKENS, "TYPE_FP32", [-1, VISION_HIDDEN]),
+                        (POSITIONS, "TYPE_INT64", [-1, 3]),
+                        (FRAME_META, "TYPE_INT64", _FRAME_META_DIMS),
+                        (QUESTION, "TYPE_STRING", [1]), (REFRESH, "TYPE_STRING", [1]),
+                        (WINDOW_SECONDS, "TYPE_FP32", [1])),
+        "output": _specs((ANSWER, "TYPE_STRING", [1]), (LLM_STATS, "TYPE_STRING", [1])),
+    },
+    "ensemble": {
+        "input": _specs((CHUNK, "TYPE_UINT8", [-1]), (CODEC, "TYPE_STRING", [1]),
+                        (SOURCE_FPS, "TYPE_FP32", [1]), (ANALYSIS_FPS, "TYPE_FP32", [1]),
+                        (POLICY, "TYPE_STRING", [1]), (REFRESH, "TYPE_STRING", [1]),
+                        (WINDOW_SECONDS, "TYPE_FP32", [1]), (QUESTION, "TYPE_STRING", [1])),
+        "output": _specs((ANSWER, "TYPE_STRING", [1]), (PARSE_STATS, "TYPE_STRING", [1]),
+                         (LLM_STATS, "TYPE_STRING", [1])),
+    },
+}
+
+ENSEMBLE_INPUTS = tuple(t.name for t in MODEL_TENSORS["ensemble"]["input"])
+ENSEMBLE_OUTPUTS = tuple(t.name for t in MODEL_TENSORS["ensemble"]["output"])
 
 STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
