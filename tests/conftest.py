@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny checkpoint built once per session (seeded, ~1 s), a real server."""
+"""Shared fixtures, each built once per session: a tiny checkpoint (seeded, ~1 s), its vision
+tower exported to ONNX (~4 s), a real server."""
 import pytest
 import torch
 
@@ -17,6 +18,18 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     """(model, tokenizer) of the tiny checkpoint."""
     return checkpoint.load(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_path(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint's pruned vision tower as one ONNX file, alone in its directory.
+
+    Exported once per session (the export is the slowest step of the vision tests); read it,
+    never write next to it.
+    """
+    from codecsight import vision
+
+    return vision.export_onnx(tiny_dir, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="session")

@@ -32,12 +32,8 @@ def encoder(visual):
 
 
 @pytest.fixture(scope="session")
-def onnx_path(model_dir, tmp_path_factory):
-    return vision.export_onnx(model_dir, tmp_path_factory.mktemp("onnx") / "model.onnx")
-
-
-@pytest.fixture(scope="session")
 def onnx_encoder(onnx_path):
+    # onnx_path: conftest exports the tiny checkpoint's vision tower once per session.
     return vision.OnnxVisionEncoder(onnx_path, intra_op_threads=2)
 
 

@@ -38,12 +38,8 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tiny_dir, tmp_path_factory):
-    return vision.export_onnx(tiny_dir, tmp_path_factory.mktemp("onnx") / "model.onnx")
-
-
-@pytest.fixture(scope="module")
 def graph(onnx_path):
+    # onnx_path: conftest exports the tiny checkpoint's vision tower once per session.
     return onnx.load(onnx_path).graph
 
 
