@@ -1,5 +1,4 @@
 """Server-side decoding: StreamDecoder, FrameSampler and pixel conversion."""
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -203,37 +202,33 @@ def test_feeding_after_flush_is_refused():
 
 
 @needs_car
-def test_decode_cost_with_and_without_mvs_and_loop_filter(car_chunks, capsys):
-    """Prints ms/frame (not asserted); asserts skipping the loop filter keeps the metadata."""
-    checked = (1, 100, 376)
-    results = {}
-    for name, options in [("plain", dict(export_mvs=False)),
-                          ("export_mvs", dict(export_mvs=True)),
-                          ("export_mvs+skip_loop_filter",
-                           dict(export_mvs=True, skip_loop_filter=True))]:
-        best = float("inf")
-        for _ in range(3):
-            # Frames are dropped as they come, as the server drops unsampled ones: holding
-            # hundreds of decoded pictures would time the allocator instead of the decoder.
-            decoder, types, kept = StreamDecoder(**options), [], {}
-            start = time.perf_counter()
-            for chunk in car_chunks + [None]:
-                for f in decoder.feed(chunk) if chunk is not None else decoder.flush():
-                    types.append(f.pict_type)
-                    if f.index in checked:
-                        kept[f.index] = (f.motion_vectors, luma(f))
-            best = min(best, time.perf_counter() - start)
-        results[name] = types, kept
-        with capsys.disabled():
-            print(f"\ncar-detection.mp4 768x432 decode, {name}: "
-                  f"{1000 * best / len(types):.3f} ms/frame")
-    (types, with_filter), (types_skip, without) = (results["export_mvs"],
-                                                   results["export_mvs+skip_loop_filter"])
+def test_skipping_the_loop_filter_keeps_every_frame_type_and_motion_vector(car_chunks):
+    """skip_loop_filter changes pixels only: the codec metadata the codec policy reads stays
+    exactly the same on every frame. (What it saves in decode time: perf/bench_decode.py.)"""
+    def decode(**options):
+        # Frames are dropped as they come, as the server drops unsampled ones; only one
+        # frame's pixels are kept, to show the setting took effect.
+        decoder, types, vectors, luma_100 = StreamDecoder(**options), [], [], None
+        for chunk in car_chunks + [None]:
+            for f in decoder.feed(chunk) if chunk is not None else decoder.flush():
+                types.append(f.pict_type)
+                vectors.append(f.motion_vectors)
+                if f.index == 100:
+                    luma_100 = luma(f)
+        return types, vectors, luma_100
+
+    def same(a, b):
+        # field by field: the records' alignment padding is uninitialised memory
+        return (a is None and b is None) or (a is not None and b is not None and all(
+            np.array_equal(a[name], b[name]) for name in a.dtype.names))
+
+    types, vectors, pixels = decode(export_mvs=True)
+    types_skip, vectors_skip, pixels_skip = decode(export_mvs=True, skip_loop_filter=True)
     assert len(types_skip) == len(types) == CAR_FRAMES
     assert types_skip == types
-    for i in checked:
-        assert np.array_equal(without[i][0], with_filter[i][0])
-    assert not np.array_equal(without[100][1], with_filter[100][1])   # pixels do differ
+    assert sum(v is not None for v in vectors) == CAR_FRAMES - 7     # every P-frame has some
+    assert all(same(a, b) for a, b in zip(vectors, vectors_skip))
+    assert not np.array_equal(pixels_skip, pixels)   # deblocking was skipped: pixels differ
 
 
 # --- FrameSampler -------------------------------------------------------------------------
