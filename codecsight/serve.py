@@ -1,5 +1,10 @@
 """Run a real tritonserver on the CodecSight model repository.
 
+`start_server` is the one way to get a ready server: the CLI (serve, demo), bench, eval and
+the test fixtures all call it. It builds what is missing first (`build`: the ONNX export of
+the vision tower; `prepared_repository`: the committed repository, or a copy rendered for
+another checkpoint).
+
 Two ways to get the server binary: the tritonserver 2.51 that the `nvidia-pytriton` wheel
 bundles (assembled here into a backend directory with the Python-backend stub matching the
 running Python), or a `tritonserver` already on PATH, as in NVIDIA's Triton containers.
@@ -236,3 +241,97 @@ def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
                 tensor.dims[-1] = widths[tensor.name]
         config_path.write_text(text_format.MessageToString(config))
     return dest
+
+
+# -------------------------------------------------------------------------------------------
+# Artifacts and the one way to start a server
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def require_checkpoint(model_dir: str | Path) -> Path:
+    """model_dir as a Path if it holds a checkpoint (config.json); else ServerError saying how
+    to get one."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        committed = model_dir.resolve() == DEFAULT_MODEL_DIR.resolve()
+        hint = ("it is committed with the repository: restore it with `git checkout -- "
+                f"{DEFAULT_MODEL_DIR.relative_to(REPO_ROOT)}`, or retrain it with the command "
+                "in its TRAINING.md") if committed \
+            else "give a Hugging Face Qwen2-VL checkpoint directory"
+        raise ServerError(f"no model checkpoint in {model_dir} (config.json missing): {hint}")
+    return model_dir
+
+
+def build(model_dir: Path = DEFAULT_MODEL_DIR, repository: Path = DEFAULT_REPOSITORY,
+          force: bool = False, progress=None) -> Path:
+    """Make sure the checkpoint and the vit_pruned ONNX export exist; returns the repository.
+
+    The export (repository/vit_pruned/1/model.onnx) is redone when missing, older than the
+    checkpoint's weights, or force. progress: called with one line per step (str -> None).
+    Raises ServerError when model_dir holds no checkpoint.
+    """
+    from codecsight import vision
+
+    progress = progress or _quiet
+    model_dir = require_checkpoint(model_dir)
+    onnx_path = Path(repository) / "vit_pruned" / "1" / "model.onnx"
+    weights = model_dir / "model.safetensors"
+    stale = onnx_path.is_file() and weights.is_file() and \
+        weights.stat().st_mtime > onnx_path.stat().st_mtime
+    if force or stale or not onnx_path.is_file():
+        progress(f"exporting the pruned vision tower to {onnx_path}")
+        t0 = time.perf_counter()
+        vision.export_onnx(model_dir, onnx_path)
+        progress(f"exported in {time.perf_counter() - t0:.1f} s")
+    return Path(repository)
+
+
+def prepared_repository(model_dir: str | Path | None = None, dest: Path | None = None,
+                        progress=None) -> Path:
+    """The repository to serve model_dir from, built (see build).
+
+    The committed repository for the default checkpoint (model_dir None or the committed
+    one); otherwise a copy rendered for model_dir into dest (default
+    REPO_ROOT/.codecsight/repository, replaced).
+    """
+    progress = progress or _quiet
+    if model_dir is None or Path(model_dir).resolve() == DEFAULT_MODEL_DIR.resolve():
+        return build(progress=progress)
+    model_dir = require_checkpoint(model_dir)
+    dest = Path(dest) if dest is not None else REPO_ROOT / ".codecsight" / "repository"
+    progress(f"rendering the model repository for {model_dir} into {dest}")
+    render_repository(DEFAULT_REPOSITORY, dest, Path(model_dir))
+    return build(Path(model_dir), dest, progress=progress)
+
+
+def start_server(model_dir: str | Path | None = None, *, host: str = "127.0.0.1",
+                 grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
+                 log_path: Path | None = None, admin_key: str | None = None,
+                 repository_dest: Path | None = None, timeout_s: float = 300.0,
+                 progress=None) -> TritonServer:
+    """A tritonserver serving model_dir (default: the committed demo model), started and ready.
+
+    Builds what is missing first (prepared_repository; repository_dest: where a repository
+    for another checkpoint is rendered). Ports 0 take free ones. Use the result as a context
+    manager (or call stop()) to end it. progress: one line per step (str -> None), e.g. to
+    stderr. Raises ServerError when it cannot be built, started or made ready in timeout_s.
+    """
+    progress = progress or _quiet
+    server = TritonServer(prepared_repository(model_dir, repository_dest, progress), host=host,
+                          grpc_port=grpc_port, http_port=http_port,
+                          metrics_port=metrics_port, log_path=log_path, admin_key=admin_key)
+    progress(f"starting tritonserver on {server.repository} "
+             f"(config: {server.config_name or 'default (GPU)'})")
+    t0 = time.perf_counter()
+    try:
+        server.start(timeout_s, progress=progress)
+    except BaseException:
+        server.stop()   # a server that exited while loading still holds its backend copy
+        raise
+    progress(f"ready in {time.perf_counter() - t0:.1f} s: gRPC {server.host}:{server.grpc_port}, "
+             f"HTTP {server.host}:{server.http_port}, metrics {server.host}:{server.metrics_port}; "
+             f"log {server.log_path}")
+    return server

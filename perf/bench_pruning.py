@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 
 from codecsight.tools import synth  # noqa: E402
 from codecsight.checkpoint import Geometry  # noqa: E402
-from codecsight.tools.cli import build  # noqa: E402
 from codecsight.codec import (FrameSampler, StreamDecoder, frame_to_luma,  # noqa: E402
                               frame_to_rgb, macroblock_grid, padded_size)
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
@@ -51,7 +50,7 @@ from codecsight.params import model_params  # noqa: E402
 from codecsight.parser import StreamParser  # noqa: E402
 from codecsight.policy import (PruningConfig, StreamMasks, groups_from_macroblocks,  # noqa: E402
                                oracle_keep, overlap_matrix, valid_pixels)
-from codecsight.serve import DEFAULT_MODEL_DIR  # noqa: E402
+from codecsight.serve import DEFAULT_MODEL_DIR, build  # noqa: E402
 from codecsight.vision import OnnxVisionEncoder, encode_patch_sets  # noqa: E402
 
 CAR = REPO / "media" / "car-detection.mp4"

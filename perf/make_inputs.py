@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
+from codecsight.tools import exit_code  # noqa: E402
 from codecsight.tools.bench import DEFAULT_QUESTION, check_policies, split_list  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 
@@ -106,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code("make_inputs.py", main))

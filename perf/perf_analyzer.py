@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from codecsight import protocol as P  # noqa: E402
+from codecsight.tools import ToolError, exit_code  # noqa: E402
 from codecsight.tools.bench import (ENSEMBLE, check_policies, command_line, machine_info,  # noqa: E402
                               model_statistics, now_utc, say, server_meta, serving,
                               split_list, stage_deltas)
@@ -50,7 +51,7 @@ def perf_analyzer_binary() -> Path:
     here = Path(sys.executable).parent / "perf_analyzer"
     found = here if here.is_file() else shutil.which("perf_analyzer")
     if not found:
-        raise SystemExit("perf_analyzer not found: install tritonclient[all]==2.51.0 "
+        raise ToolError("perf_analyzer not found: install tritonclient[all]==2.51.0 "
                          "(bash scripts/setup.sh does)")
     return Path(found)
 
@@ -66,7 +67,7 @@ def perf_analyzer_env() -> dict[str, str]:
     env = dict(os.environ)
     lib = cuda_runtime_lib()
     if lib is None:
-        raise SystemExit("libcudart.so.12 not found: install nvidia-cuda-runtime-cu12 "
+        raise ToolError("libcudart.so.12 not found: install nvidia-cuda-runtime-cu12 "
                          "(a project dependency: bash scripts/setup.sh)")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(lib), env.get("LD_LIBRARY_PATH")) if p)
@@ -117,7 +118,7 @@ def run_one(url: str, input_file: Path, concurrency: int, args, work_dir: Path,
                           timeout=args.timeout_s)
     (work_dir / f"{label}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0 or not csv_path.exists():
-        raise SystemExit(f"perf_analyzer failed ({done.returncode}) for {label}:\n"
+        raise ToolError(f"perf_analyzer failed ({done.returncode}) for {label}:\n"
                          f"{(done.stdout + done.stderr)[-3000:]}")
     return {**parse_csv(csv_path), **parse_output(done.stdout),
             "command": "perf_analyzer " + " ".join(cmd[1:])}
@@ -208,4 +209,4 @@ def format_table(records: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code("perf_analyzer.py", main))

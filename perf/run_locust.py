@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
+from codecsight.tools import ToolError, exit_code  # noqa: E402
 from codecsight.tools.bench import (align_rows, check_policies, command_line, fmt_value,  # noqa: E402
                               machine_info, now_utc, say, server_meta, serving, split_list)
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 (args.work_dir / f"{policy}-{refresh}.log").write_text(done.stdout + done.stderr)
                 rows = [r for r in read_stats(prefix) if r["name"].startswith("window ")]
                 if not rows:
-                    raise SystemExit(f"locust {policy}/{refresh} recorded no window (exit "
+                    raise ToolError(f"locust {policy}/{refresh} recorded no window (exit "
                                      f"{done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
                 display = ["locust" if i == 0 else c for i, c in enumerate(cmd)]
                 records.append({"policy": policy, "refresh": refresh, "users": args.users,
@@ -120,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code("run_locust.py", main))

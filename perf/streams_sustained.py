@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
+from codecsight.tools import exit_code  # noqa: E402
 from codecsight.tools.bench import (DEFAULT_QUESTION, align_rows, check_policies,  # noqa: E402
                               command_line, fmt_value, machine_info, model_statistics,
                               now_utc, say, server_meta, serving, split_list, stage_deltas,
@@ -217,4 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code("streams_sustained.py", main))

@@ -35,12 +35,10 @@ def onnx_path(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real tritonserver (bundled with nvidia-pytriton) on the project's model repository."""
-    from codecsight.tools.cli import build
-    from codecsight.serve import TritonServer
+    from codecsight.serve import start_server
 
-    repository = build()
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    with TritonServer(repository, log_path=log) as srv:
+    with start_server(log_path=log) as srv:
         yield srv
     print(f"tritonserver log: {log}")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from codecsight.tools import bench
+from codecsight import protocol as P
+from codecsight.tools import UsageError, bench
 from codecsight.tools.bench import AnsweredWindow, Run, make_ratios, make_record, stage_deltas
 from codecsight_client.demux import SourceInfo, iter_chunks
 from codecsight.serve import REPO_ROOT
@@ -109,14 +110,23 @@ def test_ratios_are_taken_against_dense_full_of_the_same_video_and_round():
 
 
 def test_unknown_policies_are_refused_with_the_ones_this_build_has():
-    with pytest.raises(SystemExit, match="unknown patch policy nope; this build has dense"):
+    with pytest.raises(UsageError, match="unknown patch policy nope; this build has dense"):
         bench.check_policies(["dense", "nope"], ("dense", "codec"), "patch policy")
 
 
 def test_load_runs_refuse_a_server_that_is_not_this_machine():
-    with pytest.raises(SystemExit, match="loopback"):
+    with pytest.raises(UsageError, match="loopback"):
         with bench.serving("10.0.0.8:8001"):
             pass
+
+
+def test_the_cli_turns_a_usage_error_into_its_message_and_exit_code_2(capsys):
+    from codecsight.tools.cli import main
+
+    assert main(["bench", "--policies", "dense,nope", "--url", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "codecsight: unknown patch policy nope; this build has "
+        + ", ".join(P.PATCH_POLICIES))
 
 
 def test_perf_inputs_carry_the_clips_real_chunks_and_every_ensemble_input(perf_tools):

@@ -1,12 +1,10 @@
 """Evaluation: metrics, and held-out clips streamed through a real tritonserver."""
 import json
-from pathlib import Path
 
 import pytest
 
 from codecsight.tools import eval as ev
 from codecsight import protocol
-from codecsight.tools import synth
 from codecsight.serve import REPO_ROOT
 
 DEMO_MODEL = REPO_ROOT / "models" / "codecsight-demo"
@@ -118,15 +116,13 @@ def test_a_small_eval_through_the_real_server(grpc, server, tmp_path):
 def demo_eval(tmp_path_factory):
     """Dense/full eval of the trained demo model on the default 24 held-out clips (docs/EVAL.md)."""
     from codecsight_client.stream import connect
-    from codecsight.tools.cli import build
-    from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
+    from codecsight.serve import start_server
 
     if not (DEMO_MODEL / "config.json").is_file():
         pytest.skip("no trained demo model: run `codecsight train` (see TRAINING.md)")
     tmp = tmp_path_factory.mktemp("demo-eval")
-    repository = render_repository(DEFAULT_REPOSITORY, tmp / "repository", DEMO_MODEL)
-    build(DEMO_MODEL, repository)
-    with TritonServer(repository, log_path=tmp / "tritonserver.log") as server:
+    with start_server(DEMO_MODEL, log_path=tmp / "tritonserver.log",
+                      repository_dest=tmp / "repository") as server:
         result = ev.evaluate(connect(server.grpc_url), tmp / "eval",
                              seeds=range(ev.EVAL_SEED_BASE, ev.EVAL_SEED_BASE + 24),
                              model_dir=str(DEMO_MODEL), policies=["dense"],

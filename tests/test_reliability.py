@@ -21,7 +21,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def repository():
-    from codecsight.tools.cli import build
+    from codecsight.serve import build
 
     return build()
 

@@ -43,8 +43,12 @@ def test_rendered_repository_points_every_model_at_the_checkpoint(tmp_path, tiny
     for name in ("codec_parser", "llm_prefill"):  # the TensorRT plan needs no checkpoint
         config = read_config(out / name / "config.pbtxt")
         assert config.parameters["model_dir"].string_value == str(tiny_dir.resolve())
-    cpu = read_config(out / "vit_pruned" / "configs" / "cpu.pbtxt")
-    assert cpu.parameters["model_dir"].string_value == str(tiny_dir.resolve())
+    # Any other config with a model_dir is pointed there too (vit_pruned's ONNX file holds
+    # its weights, so it needs none).
+    for path in [*out.glob("*/config.pbtxt"), *out.glob("*/configs/*.pbtxt")]:
+        config = read_config(path)
+        if "model_dir" in config.parameters:
+            assert config.parameters["model_dir"].string_value == str(tiny_dir.resolve()), path
     assert not list(out.rglob("*.onnx"))  # exports are rebuilt for the new checkpoint
 
 
@@ -61,3 +65,33 @@ def test_rendering_sets_the_tensorrt_token_width_to_the_checkpoints(tmp_path, ti
     tokens = [o for o in trt.output if o.name == "TOKENS"][0]
     assert list(tokens.dims) == [-1, 1536]
     assert Geometry.from_model_dir(wide).vision_hidden == 1536
+
+
+def test_a_missing_checkpoint_is_named_before_anything_is_built_or_started(tmp_path):
+    import pytest
+
+    from codecsight.serve import ServerError, start_server
+
+    with pytest.raises(ServerError, match=f"no model checkpoint in {tmp_path} .*Qwen2-VL"):
+        start_server(tmp_path, repository_dest=tmp_path / "repository")
+    assert not (tmp_path / "repository").exists()
+
+
+def test_the_committed_checkpoint_is_served_from_the_committed_repository():
+    from codecsight.serve import DEFAULT_MODEL_DIR, prepared_repository
+
+    assert prepared_repository(DEFAULT_MODEL_DIR) == prepared_repository() == DEFAULT_REPOSITORY
+    assert (DEFAULT_REPOSITORY / "vit_pruned" / "1" / "model.onnx").is_file()
+
+
+def test_another_checkpoint_gets_a_rendered_repository_with_its_own_export(tmp_path, tiny_dir):
+    from codecsight.serve import prepared_repository
+
+    lines = []
+    out = prepared_repository(tiny_dir, tmp_path / "repo", progress=lines.append)
+    assert out == tmp_path / "repo"
+    config = read_config(out / "llm_prefill" / "config.pbtxt")
+    assert config.parameters["model_dir"].string_value == str(tiny_dir.resolve())
+    assert (out / "vit_pruned" / "1" / "model.onnx").is_file()
+    assert lines[0].startswith(f"rendering the model repository for {tiny_dir}")
+    assert any(line.startswith("exported in") for line in lines)

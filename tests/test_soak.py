@@ -34,7 +34,7 @@ def rss_mb(server) -> float:
 
 
 def test_soak_with_faults_and_a_restart(tmp_path):
-    from codecsight.tools.cli import build
+    from codecsight.serve import build
 
     streams = int(os.environ.get("SOAK_STREAMS", 3))
     duration = float(os.environ.get("SOAK_MINUTES", 4)) * 60

@@ -205,6 +205,18 @@ def test_training_writes_a_servable_checkpoint_and_resumes_exactly(tmp_path):
     assert Geometry.from_model_dir(tmp_path / "straight").group_pixels == 28
 
 
+def test_resuming_with_other_settings_is_a_usage_error_not_an_exit(tmp_path):
+    from codecsight.tools import UsageError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"config": {"seed": 99}}, out / train.STATE_FILE)
+    config = train.TrainConfig(out_dir=str(out), seed=3, clips=1, steps=1, val_clips=1,
+                               clip_seconds=4.0, vision_steps=0)
+    with pytest.raises(UsageError, match="was written with different settings"):
+        train.train(config, resume=True)
+
+
 def test_a_frozen_vit_serves_the_tokens_it_would_compute(demo, samples):
     item = train.Item(samples[1], "dense", [], np.arange(2, 5))
     with torch.no_grad():

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from codecsight import protocol as P
+from codecsight.tools import UsageError, exit_code
 
 ENSEMBLE = "ensemble"
 STAGES = ("codec_parser", "vit_pruned", "llm_prefill")
@@ -490,10 +491,11 @@ def split_list(text: str) -> list[str]:
 
 
 def check_policies(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    """names, if every one is in allowed; else UsageError naming the unknown ones."""
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise SystemExit(f"codecsight bench: unknown {what} {', '.join(unknown)}; this build "
-                         f"has {', '.join(allowed)}")
+        raise UsageError(f"unknown {what} {', '.join(unknown)}; this build has "
+                         f"{', '.join(allowed)}")
     return names
 
 
@@ -548,7 +550,7 @@ def run(args) -> int:
     policies = check_policies(split_list(args.policies), P.PATCH_POLICIES, "patch policy")
     refreshes = check_policies(split_list(args.refresh), P.REFRESH_POLICIES, "refresh policy")
     if args.streams < 1 or args.rounds < 1:
-        raise SystemExit("codecsight bench: --streams and --rounds must be >= 1")
+        raise UsageError("--streams and --rounds must be >= 1")
     videos = [str(v) for v in args.videos]
     if args.static_clip or not videos:
         if not videos:
@@ -609,20 +611,6 @@ def run(args) -> int:
     return 0
 
 
-def start_server(model_dir: str | None = None):
-    """A tritonserver on free loopback ports, started and ready; stop() it when done."""
-    from codecsight.tools.cli import prepared_repository
-    from codecsight.serve import TritonServer
-
-    server = TritonServer(prepared_repository(model_dir))
-    say(f"starting tritonserver on {server.repository}")
-    t0 = time.perf_counter()
-    server.start(progress=say)
-    say(f"ready in {time.perf_counter() - t0:.1f} s at {server.grpc_url} "
-        f"(log {server.log_path})")
-    return server
-
-
 @contextlib.contextmanager
 def serving(url: str | None = None, model_dir: str | None = None):
     """Yield (gRPC address, server pid or None, TritonServer or None) for a load run.
@@ -630,13 +618,15 @@ def serving(url: str | None = None, model_dir: str | None = None):
     With url, that running server (its pid found by its port, for RSS); else one started on
     free loopback ports for the length of the block.
     """
+    from codecsight.serve import start_server
+
     if url:
         if url.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
             # Load tests saturate what they hit: never aim them at someone else's machine.
-            raise SystemExit(f"load runs only hit this machine; {url} is not loopback")
+            raise UsageError(f"load runs only hit this machine; {url} is not loopback")
         yield url, server_pid_on_port(int(url.rsplit(":", 1)[1])), None
         return
-    server = start_server(model_dir)
+    server = start_server(model_dir, progress=say)
     try:
         yield server.grpc_url, server.process.pid, server
     finally:
@@ -650,4 +640,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code("codecsight bench", main))

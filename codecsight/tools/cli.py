@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from codecsight.serve import (DEFAULT_MODEL_DIR, DEFAULT_REPOSITORY, REPO_ROOT, ServerError,
-                              TritonServer, render_repository)
+from codecsight.serve import REPO_ROOT, TritonServer, build, prepared_repository, start_server
+from codecsight.tools import exit_code
 
 SAMPLE = REPO_ROOT / "media" / "car-detection.mp4"
 
@@ -18,45 +17,11 @@ def say(message: str) -> None:
     print(f"codecsight: {message}", file=sys.stderr, flush=True)
 
 
-def build(model_dir: Path = DEFAULT_MODEL_DIR, repository: Path = DEFAULT_REPOSITORY,
-          force: bool = False) -> Path:
-    """Make sure the checkpoint and the vit_pruned ONNX export exist; return the repository."""
-    from codecsight import vision
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        hint = ("it is committed with the repository: restore it with "
-                f"`git checkout -- {model_dir.relative_to(REPO_ROOT)}`, or retrain it with the "
-                "command in its TRAINING.md") if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() \
-            else "give a Hugging Face Qwen2-VL checkpoint directory"
-        raise ServerError(f"no model checkpoint in {model_dir} (config.json missing): {hint}")
-    onnx_path = Path(repository) / "vit_pruned" / "1" / "model.onnx"
-    weights = model_dir / "model.safetensors"
-    stale = onnx_path.is_file() and weights.is_file() and \
-        weights.stat().st_mtime > onnx_path.stat().st_mtime
-    if force or stale or not onnx_path.is_file():
-        say(f"exporting the pruned vision tower to {onnx_path}")
-        t0 = time.perf_counter()
-        vision.export_onnx(model_dir, onnx_path)
-        say(f"exported in {time.perf_counter() - t0:.1f} s")
-    return Path(repository)
-
-
-def prepared_repository(model_dir: str | None) -> Path:
-    """The repository to serve: the committed one, or a copy rendered for --model-dir."""
-    if model_dir is None:
-        return build()
-    dest = REPO_ROOT / ".codecsight" / "repository"
-    say(f"rendering the model repository for {model_dir} into {dest}")
-    render_repository(DEFAULT_REPOSITORY, dest, Path(model_dir))
-    return build(Path(model_dir), dest)
-
-
 def cmd_build(args) -> int:
     if args.model_dir:
-        prepared_repository(args.model_dir)
+        prepared_repository(args.model_dir, progress=say)
     else:
-        build(force=args.force)
+        build(force=args.force, progress=say)
     return 0
 
 
@@ -73,23 +38,16 @@ def admin_key(path: Path) -> str:
     return path.read_text().strip()
 
 
-def start_server(args) -> TritonServer:
-    server = TritonServer(prepared_repository(args.model_dir), host=args.host,
-                          grpc_port=args.grpc_port, http_port=args.http_port,
-                          metrics_port=args.metrics_port, log_path=args.log,
-                          admin_key=admin_key(args.admin_key_file))
-    say(f"starting tritonserver on {server.repository} "
-        f"(config: {server.config_name or 'default (GPU)'})")
-    t0 = time.perf_counter()
-    server.start(progress=say)
-    say(f"ready in {time.perf_counter() - t0:.1f} s: gRPC {server.host}:{server.grpc_port}, "
-        f"HTTP {server.host}:{server.http_port}, metrics {server.host}:{server.metrics_port}; "
-        f"log {server.log_path}")
-    return server
+def serve_from_flags(args) -> TritonServer:
+    """codecsight.serve.start_server with the add_server_arguments flags; progress to stderr."""
+    return start_server(args.model_dir, host=args.host, grpc_port=args.grpc_port,
+                        http_port=args.http_port, metrics_port=args.metrics_port,
+                        log_path=args.log, admin_key=admin_key(args.admin_key_file),
+                        progress=say)
 
 
 def cmd_serve(args) -> int:
-    server = start_server(args)
+    server = serve_from_flags(args)
     stop = {"now": False}
 
     def on_signal(signum, _frame):
@@ -110,7 +68,7 @@ def cmd_demo(args) -> int:
     from codecsight_client.stream import connect
 
     t0 = time.perf_counter()
-    server = start_server(args)
+    server = serve_from_flags(args)
     try:
         results = stream_all(connect(server.grpc_url), str(args.source), args)
         if args.json:
@@ -123,7 +81,7 @@ def cmd_demo(args) -> int:
 
 def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 8002)) -> None:
     parser.add_argument("--model-dir", help="local Qwen2-VL checkpoint directory "
-                        "(default: the project's tiny model)")
+                        "(default: the trained demo model, models/codecsight-demo)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback; 0.0.0.0 exposes the server)")
     grpc, http, metrics = ports
@@ -177,11 +135,7 @@ def main(argv=None) -> int:
             module.add_arguments(p)
             p.set_defaults(func=module.run)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ServerError as e:
-        say(str(e))
-        return 1
+    return exit_code("codecsight", args.func, args)
 
 
 if __name__ == "__main__":

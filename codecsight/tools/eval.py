@@ -424,9 +424,9 @@ def evaluate(client, out_dir: Path, *, seeds, model_dir: str, analysis_fps: floa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from codecsight.serve import REPO_ROOT
+    from codecsight.serve import DEFAULT_MODEL_DIR, REPO_ROOT
 
-    parser.add_argument("--model-dir", default=str(REPO_ROOT / "models" / "codecsight-demo"),
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
                         help="checkpoint to serve (default: the trained demo model)")
     parser.add_argument("--out", default=str(REPO_ROOT / "perf" / "out" / "eval"),
                         help="directory for eval.json, eval.md, eval.png and the clips")
@@ -450,8 +450,7 @@ def _split(text: str | None):
 
 def run(args) -> int:
     from codecsight_client.stream import connect
-    from codecsight.tools.cli import build
-    from codecsight.serve import DEFAULT_REPOSITORY, TritonServer, render_repository
+    from codecsight.serve import start_server
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -471,16 +470,14 @@ def run(args) -> int:
     if args.url:
         result = evaluate(connect(args.url), Path(args.out), **kwargs)
     else:
-        with tempfile.TemporaryDirectory(prefix="codecsight-eval-repo-") as tmp:
-            repository = render_repository(DEFAULT_REPOSITORY, Path(tmp) / "repository",
-                                           model_dir)
-            build(model_dir, repository)
-            server = TritonServer(repository, log_path=args.log)
-            say(f"starting tritonserver on {repository} for {model_dir}")
-            with server:
-                device = "GPU" if not server.config_name else "CPU (ONNX Runtime ViT)"
-                result = evaluate(connect(server.grpc_url), Path(args.out), device=device,
-                                  **kwargs)
+        # A checkpoint other than the committed one is rendered into a repository of its own,
+        # so the eval never rewrites one that `codecsight serve` may be serving.
+        with tempfile.TemporaryDirectory(prefix="codecsight-eval-repo-") as tmp, \
+                start_server(model_dir, log_path=args.log, progress=say,
+                             repository_dest=Path(tmp) / "repository") as server:
+            device = "GPU" if not server.config_name else "CPU (ONNX Runtime ViT)"
+            result = evaluate(connect(server.grpc_url), Path(args.out), device=device,
+                              **kwargs)
     print(markdown(result["policies"], result["meta"]))
     say(f"wrote {args.out}/eval.json, eval.md, eval.png "
         f"({result['meta']['wall_seconds']:.0f} s)")

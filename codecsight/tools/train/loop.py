@@ -16,7 +16,7 @@ import torch
 
 from codecsight import checkpoint
 from codecsight.checkpoint import Geometry
-from codecsight.tools import synth
+from codecsight.tools import UsageError, synth
 from codecsight.tools.train.data import (TRAIN_SEED_BASE, TRAIN_WINDOW_FRAMES, Item, Sample,
                                          build_suite, items_for_step, worst_case_questions)
 from codecsight.tools.train.mbs import MicroBatchStreamer, parse_bytes
@@ -214,7 +214,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     if resume and state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         if state["config"] != dataclasses.asdict(config):
-            raise SystemExit(f"{state_path} was written with different settings; train into "
+            raise UsageError(f"{state_path} was written with different settings; train into "
                              "a fresh --out or run with the same flags")
     elif resume:
         say(f"nothing to resume in {out_dir}; starting at step 0")
