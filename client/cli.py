@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from codecsight_client import settings as defaults
 from codecsight_client.stream import StreamSettings, connect, run_stream
 from codecsight import protocol as P
 from codecsight_client.demux import iter_chunks, probe
@@ -19,17 +20,14 @@ from codecsight_client.demux import iter_chunks, probe
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by codecsight-client and `codecsight demo` (same names as the server's)."""
-    parser.add_argument("--question", default="how many objects are moving?",
-                        help="question answered for every window")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=None,
-                        help="video per request, i.e. how often the window slides and is "
-                        "answered (default: a quarter of the window)")
-    parser.add_argument("--policy", default="codec", choices=P.PATCH_POLICIES,
-                        help="patch policy (dense: every patch, the reference)")
-    parser.add_argument("--refresh", default="selective", choices=P.REFRESH_POLICIES,
-                        help="KV refresh policy (full: re-prefill every window, the reference)")
+    defaults.add_question_argument(parser)
+    defaults.add_window_arguments(parser)
+    parser.add_argument("--policy", default=defaults.PATCH_POLICY, choices=P.PATCH_POLICIES,
+                        help="patch policy (dense: every patch, the reference; default: "
+                        f"{defaults.PATCH_POLICY})")
+    parser.add_argument("--refresh", default=defaults.REFRESH_POLICY,
+                        choices=P.REFRESH_POLICIES, help="KV refresh policy (full: re-prefill "
+                        f"every window, the reference; default: {defaults.REFRESH_POLICY})")
     parser.add_argument("--stream-id", default="cam-1")
     parser.add_argument("--streams", type=int, default=1,
                         help="replay the source as N concurrent streams with distinct IDs")
@@ -46,7 +44,7 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
     settings = StreamSettings(
         question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
         window_seconds=args.window_seconds, policy=args.policy, refresh=args.refresh)
-    stride = args.stride_seconds or args.window_seconds / 4
+    stride = defaults.stride_seconds(args.window_seconds, args.stride_seconds)
     lock = threading.Lock()
     print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps; "
           f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
+from codecsight_client import settings as defaults
 from codecsight_client.demux import last_keyframe_offset
 
 ENSEMBLE = "ensemble"
@@ -40,13 +41,15 @@ def _stderr_notice(message: str) -> None:
 
 @dataclasses.dataclass
 class StreamSettings:
-    question: str
-    codec: str = "h264"
-    source_fps: float = 25.0
-    analysis_fps: float = 2.0
-    window_seconds: float = 8.0
-    policy: str = "codec"
-    refresh: str = "selective"
+    """What a stream asks the server for; defaults from codecsight_client.settings."""
+
+    question: str = defaults.QUESTION
+    codec: str = "h264"                # the source's, from demux.probe
+    source_fps: float = 25.0           # the source's, from demux.probe
+    analysis_fps: float = defaults.ANALYSIS_FPS
+    window_seconds: float = defaults.WINDOW_SECONDS
+    policy: str = defaults.PATCH_POLICY
+    refresh: str = defaults.REFRESH_POLICY
 
 
 @dataclasses.dataclass

@@ -109,17 +109,43 @@ STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class StreamError(ValueError):
-    """A request problem to report to the client; the message names the stream."""
+    """A request problem to report to the client; the message names the stream.
+
+    `code` names the Triton error code the model answers with (`pb_utils.TritonError.<code>`,
+    which reaches a gRPC client as `InferenceServerException.status()`, e.g.
+    "StatusCode.NOT_FOUND"), so a program can act on the kind of error without reading text.
+    """
+
+    code = "INVALID_ARG"
 
     def __init__(self, stream_id, problem: str):
         super().__init__(f"stream {stream_id!r}: {problem}")
         self.stream_id = stream_id
 
 
+class InvalidRequest(StreamError):
+    """Bad input: a tensor, a policy name, a size or a setting the request got wrong."""
+
+    code = "INVALID_ARG"
+
+
+class StreamNotFound(StreamError):
+    """The stream has no state here (never started, ended, or evicted): restart it with START."""
+
+    code = "NOT_FOUND"
+
+
+class StreamAlreadyActive(StreamError):
+    """A START for a stream that is still active (another client with the same ID?)."""
+
+    code = "ALREADY_EXISTS"
+
+
 def check_choice(stream_id, what: str, value: str, allowed: tuple[str, ...]) -> str:
-    """Return value if allowed, else raise a StreamError that lists the allowed values."""
+    """Return value if allowed, else raise InvalidRequest listing the allowed values."""
     if value not in allowed:
-        raise StreamError(stream_id, f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+        raise InvalidRequest(stream_id,
+                             f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
     return value
 
 

@@ -12,7 +12,7 @@ import gc
 import time
 from typing import Callable, Generic, TypeVar
 
-from codecsight.protocol import StreamError
+from codecsight.protocol import StreamAlreadyActive, StreamNotFound
 
 S = TypeVar("S")
 
@@ -61,16 +61,18 @@ class StreamStates(Generic[S]):
         return stream_id in self._states
 
     def start(self, stream_id: str, state: S, replace: bool = False) -> S:
-        """Install fresh state for a stream; a START for an active stream is refused.
+        """Install fresh state for a stream; a START for an active stream is refused
+        (StreamAlreadyActive).
 
         Refusing protects a live stream from a second client that reuses its ID. replace=True
         is for models behind the one that refuses: their copy may outlive an eviction there.
         """
         self.expire()
         if stream_id in self._states and not replace:
-            raise StreamError(stream_id, "a START for a stream that is already active (another "
-                              "client with the same ID?); send END first, use another ID, or "
-                              f"wait {self.ttl_s:g} s for it to expire")
+            raise StreamAlreadyActive(
+                stream_id, "a START for a stream that is already active (another client with "
+                "the same ID?); send END first, use another ID, or "
+                f"wait {self.ttl_s:g} s for it to expire")
         self._states.pop(stream_id, None)
         self._gone.pop(stream_id, None)
         self._states[stream_id] = state
@@ -79,12 +81,12 @@ class StreamStates(Generic[S]):
         return state
 
     def get(self, stream_id: str) -> S:
-        """The stream's state, marked as used now; StreamError if it has none."""
+        """The stream's state, marked as used now; StreamNotFound if it has none."""
         self.expire()
         if stream_id not in self._states:
             why = self._gone.get(stream_id)
             reason = f"its state was {why}" if why else "it has no state on this server"
-            raise StreamError(stream_id, f"{reason}; restart the stream with a START request")
+            raise StreamNotFound(stream_id, f"{reason}; restart the stream with a START request")
         self._states.move_to_end(stream_id)
         self._seen[stream_id] = self._clock()
         return self._states[stream_id]

@@ -37,6 +37,7 @@ from codecsight.parser import StreamParser  # noqa: E402
 from codecsight.protocol import PATCH_POLICIES  # noqa: E402
 from codecsight.serve import DEFAULT_MODEL_DIR  # noqa: E402
 from codecsight.vision import PrunedVisionEncoder  # noqa: E402
+from codecsight_client import settings as defaults  # noqa: E402
 
 CAR = REPO / "media" / "car-detection.mp4"
 # The generated clip: a fixed camera (no pan) at a common surveillance setting, 25 fps with an
@@ -138,11 +139,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clips", default="car,static", help="car, static, or video paths")
     parser.add_argument("--policies", default="dense,codec",
                         help="patch policies (those codec_parser does not know are skipped)")
-    parser.add_argument("--window", type=parse_length, default="8s", help="W: '8s' or '16f'")
-    parser.add_argument("--strides", default="0.25,0.5", help="strides as fractions of W")
+    parser.add_argument("--window", type=parse_length, default=f"{defaults.WINDOW_SECONDS:g}s",
+                        help="W: '8s' or '16f' (default: the client's window)")
+    parser.add_argument("--strides", default=f"{defaults.STRIDE_SHARE:g},0.5",
+                        help="strides as fractions of W (default: the client's, and half)")
     parser.add_argument("--anchors", default="0,1,all",
                         help="anchor_refresh_frames settings for selective ('all' = every one)")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
+    parser.add_argument("--fps", type=float, default=defaults.ANALYSIS_FPS,
+                        help="analysis frames per second")
     parser.add_argument("--question", default="is anyone moving in the scene?")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1,

@@ -45,6 +45,7 @@ from codecsight.tools import synth  # noqa: E402
 from codecsight.checkpoint import Geometry  # noqa: E402
 from codecsight.codec import (FrameSampler, StreamDecoder, frame_to_luma,  # noqa: E402
                               frame_to_rgb, macroblock_grid, padded_size)
+from codecsight_client import settings as defaults  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 from codecsight.params import model_params  # noqa: E402
 from codecsight.parser import StreamParser  # noqa: E402
@@ -405,7 +406,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "out" / "pruning")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
+    parser.add_argument("--fps", type=float, default=defaults.ANALYSIS_FPS,
+                        help="analysis frames per second")
     parser.add_argument("--quick", action="store_true", help="car-detection.mp4 only")
     parser.add_argument("--repeats", type=int, default=3, help="best-of for timings")
     parser.add_argument("--intra-op-threads", type=int, default=1,

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight_client.stream import StreamClient, StreamSettings, connect  # noqa: E402
 from codecsight import protocol as P  # noqa: E402
-from codecsight.tools.bench import DEFAULT_QUESTION, split_list  # noqa: E402
+from codecsight.tools.bench import split_list  # noqa: E402
+from codecsight_client import settings as defaults  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 from codecsight.serve import REPO_ROOT  # noqa: E402
 
@@ -65,9 +66,8 @@ def _arguments(parser):
     parser.add_argument("--policies", default="dense,codec",
                         help="patch policies; users take them in turn")
     parser.add_argument("--refresh", default="full", help="KV refresh policies; in turn too")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=2.0, help="video per request")
+    defaults.add_window_arguments(parser)
+    defaults.add_question_argument(parser)
     parser.add_argument("--chunks", type=int, default=0,
                         help="chunks per stream (0: the whole clip)")
     parser.add_argument("--realtime", action="store_true",
@@ -132,11 +132,12 @@ class CameraStream(User):
         self.policy, self.refresh = pairs[next(self._ids) % len(pairs)]
         info = probe(opts.clip)
         self.settings = StreamSettings(
-            question=DEFAULT_QUESTION, codec=info.codec, source_fps=info.fps,
+            question=opts.question, codec=info.codec, source_fps=info.fps,
             analysis_fps=opts.fps, window_seconds=opts.window_seconds, policy=self.policy,
             refresh=self.refresh)
-        self.chunks = clip_chunks(opts.clip, opts.stride_seconds, opts.chunks)
-        self.stride_s, self.realtime = opts.stride_seconds, opts.realtime
+        stride_s = defaults.stride_seconds(opts.window_seconds, opts.stride_seconds)
+        self.chunks = clip_chunks(opts.clip, stride_s, opts.chunks)
+        self.stride_s, self.realtime = stride_s, opts.realtime
         self.client = connect(self.host)
 
     def on_stop(self):

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
 from codecsight.tools import exit_code  # noqa: E402
-from codecsight.tools.bench import DEFAULT_QUESTION, check_policies, split_list  # noqa: E402
+from codecsight.tools.bench import check_policies, split_list  # noqa: E402
+from codecsight_client import settings as defaults  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
 
 
@@ -73,17 +74,17 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=",".join(P.PATCH_POLICIES))
     parser.add_argument("--refresh", default="full",
                         help="KV refresh policies, comma-separated")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=2.0, help="video per request")
+    defaults.add_window_arguments(parser)
     parser.add_argument("--chunks", type=int, default=4,
                         help="requests per sequence (chunks from the start of each clip)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    defaults.add_question_argument(parser)
 
 
 def settings_from(args) -> dict:
+    """stream_steps keywords from add_input_arguments flags (the stride resolved)."""
     return dict(fps=args.fps, window_seconds=args.window_seconds,
-                stride_seconds=args.stride_seconds, chunks=args.chunks, question=args.question)
+                stride_seconds=defaults.stride_seconds(args.window_seconds, args.stride_seconds),
+                chunks=args.chunks, question=args.question)
 
 
 def default_videos(videos: list[str]) -> list[str]:

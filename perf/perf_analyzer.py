@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                                 "stages": stage_deltas(before, model_statistics(client)),
                                 # Video seconds served per wall second: ~ real-time streams.
                                 "realtime_factor": figures["requests_per_s"]
-                                * args.stride_seconds})
+                                * settings_from(args)["stride_seconds"]})
                 say(f"{label}: {figures['requests_per_s']:.2f} req/s, p50 "
                     f"{figures['latency_ms_p50']:.0f} ms, p99 {figures['latency_ms_p99']:.0f} ms")
     for r in records:

@@ -22,6 +22,7 @@ from codecsight import protocol as P  # noqa: E402
 from codecsight.tools import ToolError, exit_code  # noqa: E402
 from codecsight.tools.bench import (align_rows, check_policies, command_line, fmt_value,  # noqa: E402
                               machine_info, now_utc, say, server_meta, serving, split_list)
+from codecsight_client import settings as defaults  # noqa: E402
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
@@ -51,7 +52,9 @@ def locust_command(url: str, csv_prefix: Path, policy: str, refresh: str, args) 
            "--only-summary", "--policies", policy, "--refresh", refresh,
            "--clip", str(args.clip), "--fps", str(args.fps),
            "--window-seconds", str(args.window_seconds),
-           "--stride-seconds", str(args.stride_seconds), "--chunks", str(args.chunks)]
+           "--stride-seconds", str(defaults.stride_seconds(args.window_seconds,
+                                                           args.stride_seconds)),
+           "--chunks", str(args.chunks)]
     return cmd + (["--realtime"] if args.realtime else [])
 
 
@@ -66,9 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-time", type=int, default=60, help="seconds per policy pair")
     parser.add_argument("--stop-timeout", type=int, default=60,
                         help="seconds users get to finish their stream at the end")
-    parser.add_argument("--fps", type=float, default=2.0)
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=2.0)
+    defaults.add_window_arguments(parser)
     parser.add_argument("--chunks", type=int, default=0, help="chunks per stream (0: all)")
     parser.add_argument("--realtime", action="store_true", help="pace streams in real time")
     parser.add_argument("--url", help="gRPC address of a running server (loopback)")

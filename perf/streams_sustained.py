@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codecsight import protocol as P  # noqa: E402
 from codecsight.tools import exit_code  # noqa: E402
-from codecsight.tools.bench import (DEFAULT_QUESTION, align_rows, check_policies,  # noqa: E402
-                              command_line, fmt_value, machine_info, model_statistics,
-                              now_utc, say, server_meta, serving, split_list, stage_deltas,
-                              static_clip_path)
+from codecsight.tools.bench import (align_rows, check_policies, command_line,  # noqa: E402
+                                    fmt_value, machine_info, model_statistics, now_utc, say,
+                                    server_meta, serving, split_list, stage_deltas,
+                                    static_clip_path)
+from codecsight_client import settings as defaults  # noqa: E402
 
 
 def stream_live(url: str, clip: str, info, settings, chunks: list, offset_s: float,
@@ -141,10 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clip", help="H.264 clip (default: the generated static-camera clip)")
     parser.add_argument("--policies", default="dense,codec")
     parser.add_argument("--refresh", default="full")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=2.0,
-                        help="video per request; also the latency bound")
+    # --stride-seconds is also the latency bound a level must hold.
+    defaults.add_window_arguments(parser)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each level")
     parser.add_argument("--skip-first", type=int, default=None,
                         help="windows per stream left out of the percentiles (default: those "
@@ -152,12 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-streams", type=int, default=32)
     parser.add_argument("--budget-s", type=float, default=1200.0,
                         help="stop ramping after this long (the last level finishes)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    defaults.add_question_argument(parser)
     parser.add_argument("--cache-dir", type=Path, default=Path(".codecsight") / "bench")
     parser.add_argument("--url", help="gRPC address of a running server (loopback)")
     parser.add_argument("--model-dir", help="checkpoint for the server started here")
     parser.add_argument("--json", type=Path, default=Path("perf/results/streams_sustained.json"))
     args = parser.parse_args(argv)
+    args.stride_seconds = defaults.stride_seconds(args.window_seconds, args.stride_seconds)
 
     from codecsight_client.demux import probe
 

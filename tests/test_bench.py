@@ -13,6 +13,7 @@ import pytest
 from codecsight import protocol as P
 from codecsight.tools import UsageError, bench
 from codecsight.tools.bench import AnsweredWindow, Run, make_ratios, make_record, stage_deltas
+from codecsight_client import settings as defaults
 from codecsight_client.demux import SourceInfo, iter_chunks
 from codecsight.serve import REPO_ROOT
 
@@ -127,6 +128,15 @@ def test_the_cli_turns_a_usage_error_into_its_message_and_exit_code_2(capsys):
     assert capsys.readouterr().err.strip() == (
         "codecsight: unknown patch policy nope; this build has "
         + ", ".join(P.PATCH_POLICIES))
+
+
+def test_bench_takes_the_clients_defaults_and_resolves_the_stride_like_it():
+    args = bench_args()
+    assert (args.fps, args.window_seconds, args.question) == (
+        defaults.ANALYSIS_FPS, defaults.WINDOW_SECONDS, defaults.QUESTION)
+    assert bench.stride_of(args) == defaults.WINDOW_SECONDS / 4 == 2.0
+    assert bench.stride_of(bench_args("--window-seconds", "16")) == 4.0
+    assert bench.stride_of(bench_args("--stride-seconds", "3")) == 3.0
 
 
 def test_perf_inputs_carry_the_clips_real_chunks_and_every_ensemble_input(perf_tools):

@@ -1,6 +1,6 @@
 import pytest
 
-from codecsight.protocol import StreamError
+from codecsight.protocol import StreamAlreadyActive, StreamError, StreamNotFound
 from codecsight.state import StreamStates
 
 
@@ -28,8 +28,9 @@ def test_end_frees_the_state_and_a_later_request_must_restart():
     states.start("cam-1", 5)
     states.end("cam-1")
     assert len(states) == 0 and "cam-1" not in states
-    with pytest.raises(StreamError, match="'cam-1'.*no state.*START"):
+    with pytest.raises(StreamNotFound, match="'cam-1'.*no state.*START") as info:
         states.get("cam-1")
+    assert info.value.code == "NOT_FOUND" and isinstance(info.value, StreamError)
 
 
 def test_idle_streams_are_evicted_after_the_ttl_and_told_why():
@@ -42,7 +43,7 @@ def test_idle_streams_are_evicted_after_the_ttl_and_told_why():
     clock.now = 12.0
     assert states.expire() == ["idle"]
     assert "busy" in states
-    with pytest.raises(StreamError, match=r"'idle'.*evicted after 10 s idle.*START"):
+    with pytest.raises(StreamNotFound, match=r"'idle'.*evicted after 10 s idle.*START"):
         states.get("idle")
 
 
@@ -53,15 +54,16 @@ def test_least_recently_used_streams_go_first_when_over_the_byte_cap():
     states.get("a")                 # b is now the least recently used
     states.start("c", 100)          # 300 bytes > 250
     assert "b" not in states and "a" in states and "c" in states
-    with pytest.raises(StreamError, match="'b'.*under 250 bytes"):
+    with pytest.raises(StreamNotFound, match="'b'.*under 250 bytes"):
         states.get("b")
 
 
 def test_a_start_for_an_active_stream_is_refused_and_keeps_its_state():
     states = make()
     states.start("cam-1", 1)
-    with pytest.raises(StreamError, match="'cam-1'.*already active.*END"):
+    with pytest.raises(StreamAlreadyActive, match="'cam-1'.*already active.*END") as info:
         states.start("cam-1", 2)
+    assert info.value.code == "ALREADY_EXISTS"
     assert states.get("cam-1") == 1
 
 

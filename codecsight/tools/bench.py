@@ -32,11 +32,11 @@ import numpy as np
 
 from codecsight import protocol as P
 from codecsight.tools import UsageError, exit_code
+from codecsight_client import settings as defaults
 
 ENSEMBLE = "ensemble"
 STAGES = ("codec_parser", "vit_pruned", "llm_prefill")
 BASELINE_POLICY, BASELINE_REFRESH = "dense", "full"
-DEFAULT_QUESTION = "how many objects are moving?"   # one the demo model was trained on
 # A static camera: textured still background, two objects crossing it, light sensor noise;
 # what a fixed surveillance camera sees most of the day. Sizes in px, speeds in px/frame.
 STATIC_CLIP = dict(width=640, height=360, fps=10.0, seconds=24.0, gop_seconds=5.0,
@@ -182,7 +182,7 @@ def run_once(client, url: str, video: str, info, policy: str, refresh: str, args
     with PeakRss(server_pid) as rss:
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
-            futures = [pool.submit(stream_video, c, video, settings, args.stride_seconds, sid,
+            futures = [pool.submit(stream_video, c, video, settings, stride_of(args), sid,
                                    args.max_chunks) for c, sid in zip(clients, ids)]
             windows = [w for f in futures for w in f.result()]
         wall_s = time.perf_counter() - t0
@@ -224,7 +224,7 @@ def make_record(video: str, info, policy: str, refresh: str, runs: list[Run], ar
         "video": video, "policy": policy, "refresh": refresh,
         "streams": args.streams, "rounds": len(runs),
         "fps": args.fps, "window_seconds": args.window_seconds,
-        "stride_seconds": args.stride_seconds,
+        "stride_seconds": stride_of(args),
         "frames_sampled": frames, "windows": len(windows),
         "patches_total": sum(w.parse.get("patches_total", 0) for w in windows),
         "patches_kept": sum(w.parse.get("patches_kept", 0) for w in windows),
@@ -499,6 +499,11 @@ def check_policies(names: list[str], allowed: tuple[str, ...], what: str) -> lis
     return names
 
 
+def stride_of(args) -> float:
+    """Video per request, seconds: --stride-seconds, else the client's rule (settings)."""
+    return defaults.stride_seconds(args.window_seconds, args.stride_seconds)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `codecsight bench` (same names as the client's where they mean the same)."""
     parser.add_argument("videos", nargs="*", help="video files (H.264); default: the bundled "
@@ -509,10 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", default=",".join(P.REFRESH_POLICIES),
                         help=f"KV refresh policies, comma-separated (default: all: "
                         f"{','.join(P.REFRESH_POLICIES)})")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=8.0)
-    parser.add_argument("--stride-seconds", type=float, default=2.0,
-                        help="video per request: windows overlap when shorter than the window")
+    # The client's defaults (codecsight_client.settings): windows overlap as a live client's do.
+    defaults.add_window_arguments(parser)
     parser.add_argument("--streams", type=int, default=1,
                         help="concurrent streams per run (each a full replay of the video)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -521,7 +524,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send only the first N chunks of each video (quick runs)")
     parser.add_argument("--warmup-chunks", type=int, default=2,
                         help="chunks per policy streamed once, unmeasured, before the runs")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    defaults.add_question_argument(parser)
     parser.add_argument("--static-clip", action="store_true",
                         help="add the generated static-camera clip (codecsight.tools.synth) to the "
                         "videos")
@@ -567,7 +570,7 @@ def run(args) -> int:
         meta = {"date": now_utc(), "command": command_line(), "machine": machine_info(),
                 "server": server_meta(client, url, server),
                 "settings": {"fps": args.fps, "window_seconds": args.window_seconds,
-                             "stride_seconds": args.stride_seconds, "streams": args.streams,
+                             "stride_seconds": stride_of(args), "streams": args.streams,
                              "rounds": args.rounds, "max_chunks": args.max_chunks,
                              "question": args.question, "policies": policies,
                              "refresh": refreshes}}
@@ -578,7 +581,7 @@ def run(args) -> int:
                 stream_video(client, videos[0], StreamSettings(
                     question=args.question, codec=info.codec, source_fps=info.fps,
                     analysis_fps=args.fps, window_seconds=args.window_seconds, policy=policy,
-                    refresh=refresh), args.stride_seconds, f"warmup-{uuid.uuid4().hex[:8]}",
+                    refresh=refresh), stride_of(args), f"warmup-{uuid.uuid4().hex[:8]}",
                     args.warmup_chunks)
         runs: dict[tuple, list[Run]] = {}
         for round_index in range(args.rounds):

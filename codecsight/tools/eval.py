@@ -27,6 +27,7 @@ import numpy as np
 
 from codecsight import protocol
 from codecsight.tools import synth
+from codecsight_client import settings as defaults
 
 # Held-out clips are EVAL_SEED_BASE + i: far from training's (train.TRAIN_SEED_BASE + ...).
 EVAL_SEED_BASE = 900_000
@@ -389,11 +390,19 @@ def plot(rows: list[dict], path: Path) -> Path:
 # The evaluation run
 
 
-def evaluate(client, out_dir: Path, *, seeds, model_dir: str, analysis_fps: float = 2.0,
-             window_seconds: float = 4.0, stride_seconds: float | None = None,
+def evaluate(client, out_dir: Path, *, seeds, model_dir: str,
+             analysis_fps: float = defaults.ANALYSIS_FPS,
+             window_seconds: float = defaults.TRAINED_WINDOW_SECONDS,
+             stride_seconds: float | None = None,
              policies=None, refreshes=None, tasks=synth.TASKS, device: str = "CPU",
              progress=None) -> dict:
-    """Run the suite against a server (a tritonclient gRPC client); write JSON, md and PNG."""
+    """Run the suite against a server (a tritonclient gRPC client); write JSON, md and PNG.
+
+    stride_seconds None: the window length, so held-out windows do not overlap
+    (settings.TRAINED_STRIDE_SHARE).
+    """
+    stride_seconds = defaults.stride_seconds(window_seconds, stride_seconds,
+                                             defaults.TRAINED_STRIDE_SHARE)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
@@ -413,7 +422,7 @@ def evaluate(client, out_dir: Path, *, seeds, model_dir: str, analysis_fps: floa
     meta = {"model_dir": str(model_dir), "clips": len(clips),
             "seeds": f"{seeds[0]}..{seeds[-1]}" if seeds else "-",
             "windows": sum(len(c.windows) for c in clips), "fps": analysis_fps,
-            "window_seconds": window_seconds, "stride_seconds": stride_seconds or window_seconds,
+            "window_seconds": window_seconds, "stride_seconds": stride_seconds,
             "tasks": list(tasks), "device": device,
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     result = {"meta": meta, "policies": rows, "records": records}
@@ -433,10 +442,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", type=int, default=24, help="held-out clips")
     parser.add_argument("--first-seed", type=int, default=EVAL_SEED_BASE,
                         help="seed of the first held-out clip (training uses other seeds)")
-    parser.add_argument("--fps", type=float, default=2.0, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=4.0)
-    parser.add_argument("--stride-seconds", type=float, default=None,
-                        help="video per request (default: the window length)")
+    # The windows the demo model was trained on, not overlapping (settings.TRAINED_*).
+    defaults.add_window_arguments(parser, window_seconds=defaults.TRAINED_WINDOW_SECONDS,
+                                  stride_share=defaults.TRAINED_STRIDE_SHARE)
     parser.add_argument("--policies", help="patch policies, comma-separated (default: all)")
     parser.add_argument("--refresh", help="refresh policies, comma-separated (default: all)")
     parser.add_argument("--url", help="gRPC address of a running server on this model "

@@ -21,6 +21,7 @@ from codecsight.tools.train.data import (TRAIN_SEED_BASE, TRAIN_WINDOW_FRAMES, I
                                          build_suite, items_for_step, worst_case_questions)
 from codecsight.tools.train.mbs import MicroBatchStreamer, parse_bytes
 from codecsight.tools.train.model import DemoModel
+from codecsight_client import settings as defaults
 
 STATE_FILE = "train_state.pt"
 VISION_BATCH = 2             # windows per vision pre-training step
@@ -43,9 +44,9 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    fps: float = 2.0                  # analysis frames per second
-    window_seconds: float = 4.0
-    stride_seconds: float | None = None
+    fps: float = defaults.ANALYSIS_FPS   # analysis frames per second
+    window_seconds: float = defaults.TRAINED_WINDOW_SECONDS
+    stride_seconds: float | None = None  # None: the window (settings.TRAINED_STRIDE_SHARE)
     policies: tuple = ("dense",)
     checkpoint_every: int = 100
     threads: int = 1                  # 1: OpenMP spin-waits make 2+ threads crawl on busy cores
@@ -445,10 +446,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-weight", type=float, default=d.aux_weight,
                         help="weight of the training-only per-token object-kind loss (0: off)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--fps", type=float, default=d.fps, help="analysis frames per second")
-    parser.add_argument("--window-seconds", type=float, default=d.window_seconds)
-    parser.add_argument("--stride-seconds", type=float, default=None,
-                        help="video per request (default: the window length)")
+    # The eval's windows (settings.TRAINED_*): what the demo model is asked about.
+    defaults.add_window_arguments(parser, window_seconds=d.window_seconds,
+                                  stride_share=defaults.TRAINED_STRIDE_SHARE)
     parser.add_argument("--policies", default=",".join(d.policies),
                         help="patch policies to train on, comma-separated (a random one per "
                         "window visit), e.g. dense or dense,codec")
