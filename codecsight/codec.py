@@ -25,6 +25,11 @@ MACROBLOCK = 16  # H.264 macroblock side in pixels: the grid of the codec's moti
 LOOP_FILTER_SKIPS = ("none", "noref", "bidir", "nointra", "nokey", "all")
 
 
+class UnknownCodec(ValueError):
+    """A stream names a codec FFmpeg has no decoder for (PyAV's UnknownCodecError, translated
+    so that callers need not know PyAV)."""
+
+
 @dataclasses.dataclass
 class DecodedFrame:
     """One decoded frame of a stream, with its codec metadata; pixels not converted."""
@@ -60,9 +65,17 @@ class StreamDecoder:
 
     def __init__(self, codec: str = "h264", export_mvs: bool = True,
                  skip_loop_filter: bool | str = False, thread_count: int = 0):
-        """skip_loop_filter: False/"none", True/"all", or another LOOP_FILTER_SKIPS name."""
+        """skip_loop_filter: False/"none", True/"all", or another LOOP_FILTER_SKIPS name.
+
+        Raises UnknownCodec if FFmpeg has no decoder named `codec`, ValueError for a bad
+        skip_loop_filter.
+        """
         self.codec = codec
-        self._ctx = av.CodecContext.create(codec, "r")
+        try:
+            self._ctx = av.CodecContext.create(codec, "r")
+        except av.codec.codec.UnknownCodecError as e:
+            raise UnknownCodec(f"unknown codec {codec!r}: send h264 (the codec policy's input) "
+                               "or another codec FFmpeg decodes") from e
         options = {}
         if export_mvs:
             options["flags2"] = "+export_mvs"
