@@ -47,11 +47,16 @@ class StreamParser:
 
     def __init__(self, geometry: Geometry, codec: str, source_fps: float, analysis_fps: float,
                  policy: str = "dense", config: PruningConfig | None = None,
-                 skip_loop_filter: bool | str = False):
-        """policy: the stream's policy for requests that name none ("" or None)."""
+                 skip_loop_filter: bool | str = False, window_seconds: float | None = None):
+        """policy: the stream's policy for requests that name none ("" or None).
+
+        config: None reads codec_parser's served settings (`PruningConfig.served`).
+        window_seconds: the stream's LLM window; the whole-frame timer runs at most that long
+        (`PruningConfig.for_window`), so every window holds one whole view. None: no window.
+        """
         self.geometry = geometry
         self.codec = codec
-        self.config = config or PruningConfig()
+        self.config = (config or PruningConfig.served()).for_window(window_seconds)
         self.codec_signals = codec in CODEC_SIGNAL_CODECS
         self.decoder = StreamDecoder(codec, export_mvs=self.codec_signals,
                                      skip_loop_filter=skip_loop_filter)
@@ -152,6 +157,7 @@ class StreamParser:
         codec_frames = [s for s in signals if s.intra_share is not None]
         errors = self.decoder.errors - errors_before
         stats = ParseStats(
+            whole_frame_seconds=self.config.whole_frame_seconds,
             policy=applied, policy_requested=requested, codec=self.codec,
             chunk_bytes=len(chunk), frames_decoded=len(frames), frames_sampled=sampled,
             frame_types="".join(f.pict_type for f in frames),

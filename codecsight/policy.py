@@ -24,8 +24,9 @@ Policies, chosen per request (protocol.PATCH_POLICIES), plus a reference for ben
           pixel_threshold: what a perfect change signal would keep; decodes every pixel.
 
 Pruning policies keep a whole frame where a whole view is due (WHOLE_FRAME_REASONS): the
-stream's first sampled frame and at least one every whole_frame_seconds (the timer), so that
-each LLM window holds one complete view of the scene; codec also at scene cuts (a P/B-frame
+stream's first sampled frame and at least one every whole_frame_seconds (the timer, which
+runs at most as long as the stream's LLM window: `PruningConfig.for_window`), so that each
+window holds one complete view of the scene; codec also at scene cuts (a P/B-frame
 that is mostly intra, or an I-frame whose macroblocks changed wholesale against the frame
 before) and after frames decoded with errors. evs and the oracle, pixel methods, keep whole
 frames only at the start and on the timer. (An I-frame is a coding decision, not a reason.)
@@ -56,23 +57,24 @@ WHOLE_FRAME_REASONS = ("start", "scene_cut", "decode_error", "timer")
 
 @dataclasses.dataclass(frozen=True)
 class PruningConfig:
-    """Settings of the pruning policies; codec_parser's config.pbtxt parameters of the same name."""
+    """Settings of the pruning policies: codec_parser's config.pbtxt parameters of the same
+    name, their one source (no defaults here). `PruningConfig.served()` reads them."""
 
-    motion_threshold_px: float = 1.0  # a macroblock moves if |motion - global motion| >= this
-    motion_support: int = 3           # flagged macroblocks (moving or intra) needed in a moving
-                                      # macroblock's 3x3 neighbourhood, itself included
-    intra_support: int = 5            # the same for an intra macroblock (1: every intra counts)
-    scene_cut_share: float = 0.7      # share of macroblocks that are intra (P/B-frame) or
-                                      # changed by > scene_cut_luma (I-frame): a scene cut
-    scene_cut_luma: float = 20.0      # mean |dY| of a macroblock across an I-frame, 8-bit levels
-    whole_frame_seconds: float = 8.0  # whole frame at least this often; 0: only start and cuts
-    temporal_support: bool = False    # a flag counts only if its neighbourhood was flagged in
-                                      # the frame before too (noise vectors do not persist)
-    pixel_check: bool = True          # confirm codec candidates by their pixels (below)
-    pixel_threshold: float = 6.0      # mean |dY| over a group that counts as a change, levels
-    pixel_peak_threshold: float = 16.0  # |dY| of a pixel on a moving edge: a group with a
-                                        # group-width (28) of such pixels changed (pixel check)
-    evs_pruning_rate: float = 0.6     # share of groups evs drops per sampled frame
+    motion_threshold_px: float   # a macroblock moves if |motion - global motion| >= this
+    motion_support: int          # flagged macroblocks (moving or intra) needed in a moving
+                                 # macroblock's 3x3 neighbourhood, itself included
+    intra_support: int           # the same for an intra macroblock (1: every intra counts)
+    scene_cut_share: float       # share of macroblocks that are intra (P/B-frame) or
+                                 # changed by > scene_cut_luma (I-frame): a scene cut
+    scene_cut_luma: float        # mean |dY| of a macroblock across an I-frame, 8-bit levels
+    whole_frame_seconds: float   # whole frame at least this often; 0: only start and cuts
+    temporal_support: bool       # a flag counts only if its neighbourhood was flagged in
+                                 # the frame before too (noise vectors do not persist)
+    pixel_check: bool            # confirm codec candidates by their pixels (below)
+    pixel_threshold: float       # mean |dY| over a group that counts as a change, levels
+    pixel_peak_threshold: float  # |dY| of a pixel on a moving edge: a group with a
+                                 # group-width (28) of such pixels changed (pixel check)
+    evs_pruning_rate: float      # share of groups evs drops per sampled frame
 
     def __post_init__(self):
         checks = {
@@ -94,14 +96,30 @@ class PruningConfig:
                              "evs_pruning_rate in [0, 1), others >= 0)")
 
     @classmethod
-    def defaults(cls) -> dict:
-        """Field name -> default, typed: the codec_parser model's parameter defaults."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+    def from_params(cls, params: dict) -> "PruningConfig":
+        """The config from a model's typed parameters (`params.read`), which hold other keys
+        too; KeyError if one of the fields is missing."""
+        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls)})
 
     @classmethod
-    def from_params(cls, params: dict) -> "PruningConfig":
-        """The config from a dict that may hold other keys too (a model's parameters)."""
-        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+    def served(cls, repository=None, **overrides) -> "PruningConfig":
+        """codec_parser's served settings (its config.pbtxt in `repository`, None: the
+        project's model_repository), with the fields named in `overrides` replaced."""
+        from codecsight.params import served_parameters  # params declares this class's fields
+
+        return dataclasses.replace(cls.from_params(served_parameters("codec_parser", repository)),
+                                   **overrides)
+
+    def for_window(self, window_seconds: float | None) -> "PruningConfig":
+        """The settings for a stream whose LLM window is window_seconds long: the whole-frame
+        timer runs at most that long, so every window holds one whole view of the scene.
+
+        A timer of 0 (whole frames only at the start and at cuts) stays 0; None: no window.
+        """
+        if window_seconds is None or self.whole_frame_seconds == 0 \
+                or self.whole_frame_seconds <= window_seconds:
+            return self
+        return dataclasses.replace(self, whole_frame_seconds=window_seconds)
 
 
 # ---------------------------------------------------------------------------------------------

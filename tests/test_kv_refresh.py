@@ -5,11 +5,7 @@ tokens; the model.py half runs llm_prefill's model.py against a stand-in
 triton_python_backend_utils, with no server.
 """
 import dataclasses
-import importlib.util
-import json
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +15,8 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VLRotaryEmbeddi
 
 from codecsight.llm import KVWindow, StreamSession, VisualLM, WindowFrame, rotate_temporal
 from codecsight.protocol import FRAME_TYPES, LlmStats
-from codecsight.serve import REPO_ROOT
+
+import triton_stub
 
 GRID_H, GRID_W = 3, 4
 QUESTION = "is anyone in the loading bay?"
@@ -226,88 +223,46 @@ def test_session_switches_policy_per_request_and_empty_keeps_it(vlm):
 # -- llm_prefill's model.py, against a stand-in triton_python_backend_utils ------------------
 
 
-class FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors=None, error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors or []}
-        self.error = error
-
+class FakeResponse(triton_stub.InferenceResponse):
     def stats(self):
         assert self.error is None, self.error.message
-        return LlmStats.from_json(self.outputs["LLM_STATS"].reshape(-1)[0])
+        return LlmStats.from_json(self.string("LLM_STATS"))
 
     def answer(self):
-        return self.outputs["ANSWER"].reshape(-1)[0].decode()
+        return self.string("ANSWER")
 
 
-class FakeError:
-    def __init__(self, message):
-        self.message = message
-
-
-def fake_pb_utils():
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor = FakeTensor
-    pb.InferenceResponse = FakeResponse
-    pb.TritonError = FakeError
-    pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
-    pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
-    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    return pb
-
-
-class FakeRequest:
+class FakeRequest(triton_stub.InferenceRequest):
     def __init__(self, stream_id, frames, question=QUESTION, refresh="", start=False,
                  end=False, window_seconds=4.0):
-        self.stream_id, self.start, self.end = stream_id, start, end
+        self.stream_id = stream_id
         tokens = torch.cat([f.tokens for f in frames]) if frames else torch.zeros(0, 128)
         positions = [[f.t, 2 * h + dh, 2 * w + dw] for f in frames for h, w in f.cells
                      for dh in (0, 1) for dw in (0, 1)]
         meta = [[f.t, f.frame_index, f.time_ms, FRAME_TYPES[f.frame_type], f.grid_h, f.grid_w,
                  len(f.tokens)] for f in frames]
-        arrays = {
+        super().__init__({
             "TOKENS": tokens.numpy()[None],
             "POSITIONS": np.array(positions, np.int64).reshape(1, -1, 3),
             "FRAME_META": np.array(meta, np.int64).reshape(1, -1, 7),
             "QUESTION": np.array([[question.encode()]], dtype=object),
             "REFRESH": np.array([[refresh.encode()]], dtype=object),
             "WINDOW_SECONDS": np.array([[window_seconds]], np.float32),
-        }
-        self.inputs = {k: FakeTensor(k, v) for k, v in arrays.items()}
-
-    def correlation_id(self):
-        return self.stream_id
-
-    def flags(self):
-        return (1 if self.start else 0) | (2 if self.end else 0)
+        }, correlation_id=stream_id, start=start, end=end)
 
 
 @pytest.fixture
-def load_model(tiny_dir, monkeypatch):
-    """Instantiate llm_prefill's TritonPythonModel with given config parameters."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    path = REPO_ROOT / "model_repository" / "llm_prefill" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("llm_prefill_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_model(tiny_dir):
+    """Instantiate llm_prefill's TritonPythonModel with the served config's parameters, the
+    given ones replaced."""
+    pb = triton_stub.pb_utils()
+    pb.InferenceResponse = FakeResponse
+    module = triton_stub.load_model("llm_prefill", pb)
 
     def load(**params):
-        params = {"model_dir": str(tiny_dir), "max_new_tokens": "4", **params}
-        config = {"name": "llm_prefill",
-                  "parameters": {k: {"string_value": str(v)} for k, v in params.items()}}
         model = module.TritonPythonModel()
-        model.initialize({"model_config": json.dumps(config), "model_name": "llm_prefill",
-                          "model_repository": str(path.parent.parent)})
+        model.initialize(triton_stub.model_args("llm_prefill", model_dir=tiny_dir,
+                                                max_new_tokens=4, **params))
         return model
 
     return load

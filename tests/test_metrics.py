@@ -9,6 +9,8 @@ import pytest
 from codecsight.metrics import METRICS, ModelMetrics, parse_prometheus
 from codecsight.protocol import LlmStats, ParseStats
 
+from triton_stub import MetricFamily as FakeMetricFamily
+
 def parse_stats(**fields) -> ParseStats:
     """A PARSE_STATS with the fields ModelMetrics reads; the rest zero."""
     base = dict(policy="dense", policy_requested="dense", codec="h264", chunk_bytes=0,
@@ -32,40 +34,6 @@ def llm_stats(stream, refresh="selective", kv_bytes=1000, prefill_ms=12.5, **cou
                   prefill_ms=prefill_ms, frames_added=0, frames_dropped=0, window_frames=0,
                   window_frame_range=None, window_t_range=None)
     return LlmStats(**{**fields, **counts})
-
-
-class FakeMetric:
-    def __init__(self, family, labels):
-        self.family, self.labels, self._value = family, labels, 0.0
-
-    def increment(self, value):
-        if self.family.kind == FakeMetricFamily.COUNTER and value < 0:
-            raise ValueError("counters only go up")
-        self._value += value
-
-    def set(self, value):
-        if self.family.kind == FakeMetricFamily.COUNTER:
-            raise ValueError("a counter cannot be set")
-        self._value = value
-
-    def value(self):
-        return self._value
-
-
-class FakeMetricFamily:
-    """Triton's pb_utils.MetricFamily as far as ModelMetrics uses it."""
-
-    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-
-    def __init__(self, name, description, kind):
-        self.name, self.description, self.kind = name, description, kind
-        self.metrics = {}
-
-    def Metric(self, labels):  # noqa: N802 - Triton's name
-        key = frozenset(labels.items())
-        assert key not in self.metrics, "a metric must be created once per label set"
-        self.metrics[key] = FakeMetric(self, labels)
-        return self.metrics[key]
 
 
 @pytest.fixture

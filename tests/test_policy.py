@@ -111,7 +111,7 @@ def test_a_moving_box_flags_its_macroblocks_in_a_real_p_frame():
     decoded = decode(encode_h264(frames, FPS, gop=12))
     f = decoded[6]
     moving, intra, _ = signals_of(f.motion_vectors, f.width, f.height)
-    flags = dynamic_macroblocks(moving, intra, PruningConfig())
+    flags = dynamic_macroblocks(moving, intra, PruningConfig.served())
     hit = (flags & truth.moving[6]).sum()
     assert hit / truth.moving[6].sum() >= 0.85
     assert flags.sum() <= 1.5 * truth.moving[6].sum()
@@ -124,7 +124,7 @@ def test_b_frames_in_a_pan_flag_only_the_object():
     assert b_frames
     for f in b_frames:
         moving, intra, global_motion = signals_of(f.motion_vectors, f.width, f.height)
-        flags = dynamic_macroblocks(moving, intra, PruningConfig())
+        flags = dynamic_macroblocks(moving, intra, PruningConfig.served())
         assert flags.mean() < 3 * truth.moving[f.index].mean()
         # panning right moves the scene left on screen, 3 px per frame of distance
         assert global_motion[0] in (-3.0, -6.0)
@@ -136,7 +136,7 @@ def test_isolated_intra_macroblocks_are_refresh_noise():
     intra = np.zeros((6, 7), bool)
     intra[0, 0] = intra[5, 1] = intra[5, 6] = True    # scattered encoder refresh
     intra[1:4, 3:6] = True                            # a 3x3 blob: a real change
-    flags = dynamic_macroblocks(np.zeros_like(intra), intra, PruningConfig(intra_support=5))
+    flags = dynamic_macroblocks(np.zeros_like(intra), intra, PruningConfig.served(intra_support=5))
     # the blob's centre (9 flagged around it) and edge macroblocks (6) count, its corners
     # (4) and the isolated ones (1) do not
     expected = np.zeros_like(intra)
@@ -159,7 +159,8 @@ def test_moving_macroblocks_need_flagged_neighbours():
     moving = np.zeros((5, 5), bool)
     moving[0, 4] = True                               # a lone noisy vector
     moving[2:4, 1:3] = True                           # a 2x2 moving object
-    flags = dynamic_macroblocks(moving, np.zeros_like(moving), PruningConfig(motion_support=3))
+    flags = dynamic_macroblocks(moving, np.zeros_like(moving),
+                                PruningConfig.served(motion_support=3))
     assert np.array_equal(flags, np.pad(np.ones((2, 2), bool), ((2, 1), (1, 2))))
 
 
@@ -208,25 +209,18 @@ def test_evs_keeps_the_fixed_share_most_unlike_the_previous_frame(geometry):
 
 def test_pruning_config_rejects_bad_values_naming_them():
     with pytest.raises(ValueError, match=r"evs_pruning_rate=1\.0"):
-        PruningConfig(evs_pruning_rate=1.0)
+        PruningConfig.served(evs_pruning_rate=1.0)
     with pytest.raises(ValueError, match=r"motion_support=0"):
-        PruningConfig(motion_support=0)
+        PruningConfig.served(motion_support=0)
 
 
-def test_codec_parser_config_sets_every_pruning_setting_as_the_library_defaults():
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+def test_codec_parser_config_declares_exactly_the_declared_parameters():
+    from codecsight import params
 
-    from codecsight.params import model_params
-    from codecsight.serve import DEFAULT_REPOSITORY
-
-    config = text_format.Parse((DEFAULT_REPOSITORY / "codec_parser" / "config.pbtxt").read_text(),
-                               model_config_pb2.ModelConfig())
-    raw = {k: {"string_value": v.string_value} for k, v in config.parameters.items()
-           if k in PruningConfig.defaults()}
-    assert set(raw) == set(PruningConfig.defaults())
-    typed = model_params({"name": "codec_parser", "parameters": raw}, PruningConfig.defaults())
-    assert PruningConfig.from_params(typed) == PruningConfig()
+    raw = params.served_parameters("codec_parser")   # a missing or unknown key raises
+    assert set(raw) == set(params.declared("codec_parser"))
+    assert set(PruningConfig.__dataclass_fields__) <= set(raw)
+    assert PruningConfig.served() == PruningConfig.from_params(raw)
 
 
 def test_policies_are_the_protocol_ones_plus_the_oracle():
@@ -246,7 +240,7 @@ def box_stream():
 
 def test_first_frame_is_whole_then_codec_keeps_only_what_moved(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(whole_frame_seconds=0))
+                          config=PruningConfig.served(whole_frame_seconds=0))
     (result,), keeps = parse_all(parser, box_stream)
     kept = result.frame_meta[:, META["kept_groups"]]
     assert kept[0] == GROUPS and result.stats.whole_frames == {"start": 1}
@@ -257,7 +251,7 @@ def test_first_frame_is_whole_then_codec_keeps_only_what_moved(geometry, box_str
 
 def test_i_frames_are_not_reasons_to_keep_a_whole_frame(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(whole_frame_seconds=0))
+                          config=PruningConfig.served(whole_frame_seconds=0))
     (result,), keeps = parse_all(parser, box_stream)
     types = result.frame_meta[:, META["frame_type"]]
     i_frames = [k for k, t in zip(result.frame_meta[1:, META["kept_groups"]], types[1:])
@@ -268,7 +262,7 @@ def test_i_frames_are_not_reasons_to_keep_a_whole_frame(geometry, box_stream):
 
 def test_a_timer_keeps_a_whole_frame_every_whole_frame_seconds(geometry, box_stream):
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(whole_frame_seconds=4.0))
+                          config=PruningConfig.served(whole_frame_seconds=4.0))
     (result,), keeps = parse_all(parser, box_stream)
     whole = [int(m[META["time_ms"]]) for m in result.frame_meta
              if m[META["kept_groups"]] == GROUPS]
@@ -282,7 +276,7 @@ def test_a_scene_cut_keeps_the_whole_frame(geometry):
     # one GOP across the cut: the cut lands on a P-frame that is almost all intra
     data = encode_h264(np.concatenate([first, second]), FPS, gop=80)
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(whole_frame_seconds=0))
+                          config=PruningConfig.served(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
     assert result.stats.whole_frames == {"start": 1, "scene_cut": 1}
     cut = [int(m[META["frame_index"]]) for m in result.frame_meta[1:]
@@ -296,7 +290,7 @@ def test_a_scene_cut_on_an_i_frame_is_found_by_its_pixels(geometry):
     # GOP 20: frames 20 and 60 are I-frames inside a shot, frame 40 an I-frame at the cut
     data = encode_h264(np.concatenate([first, second]), FPS, gop=20)
     parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                          config=PruningConfig(whole_frame_seconds=0))
+                          config=PruningConfig.served(whole_frame_seconds=0))
     result = parser.parse(data, final=True)
     assert result.stats.whole_frames == {"start": 1, "scene_cut": 1}
     whole = [int(m[META["frame_index"]]) for m in result.frame_meta
@@ -307,7 +301,7 @@ def test_a_scene_cut_on_an_i_frame_is_found_by_its_pixels(geometry):
 def test_state_advances_under_every_policy_so_a_stream_can_switch(geometry, box_stream):
     frames, _ = moving_boxes(100, W, H, boxes=[BOX], noise_sigma=2.0, seed=2)
     chunks = chunks_of(frames, gop=25, pieces=4)
-    config = PruningConfig(whole_frame_seconds=0)
+    config = PruningConfig.served(whole_frame_seconds=0)
     switching = StreamParser(geometry, "h264", FPS, 2.0, config=config)
     always = StreamParser(geometry, "h264", FPS, 2.0, config=config)
     for i, (chunk, policy) in enumerate(zip(chunks, ["dense", "codec", "evs", "codec"])):
@@ -353,8 +347,9 @@ def test_every_patch_pairs_its_frame_with_the_previous_sampled_frame(geometry):
     np.testing.assert_array_equal(np.concatenate([r.patches for r in dense]), expected)
     np.testing.assert_array_equal(np.concatenate([r.positions for r in dense]),
                                   expected_positions)
+    no_timer = PruningConfig.served(whole_frame_seconds=0)
     codec, keeps = parse_all(StreamParser(geometry, "h264", FPS, 2.0, policy="codec",
-                                          config=PruningConfig(whole_frame_seconds=0)), chunks)
+                                          config=no_timer), chunks)
     kept = [int(k.sum()) for k in keeps]
     assert 0 in kept and kept[-1] > 0, kept      # a frame that kept nothing, then motion
     rows = np.repeat(np.stack(keeps).ravel(), geometry.patches_per_group)

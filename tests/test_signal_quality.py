@@ -108,7 +108,7 @@ def score_clip(clip: Clip, geometry: Geometry) -> dict[str, Score]:
     rows = overlap_matrix(-(-HEIGHT // 16), 16, -(-HEIGHT // group), group)
     cols = overlap_matrix(-(-WIDTH // 16), 16, -(-WIDTH // group), group)
     scores = {"macroblocks": Score(), "groups: signal": Score(), "groups: kept": Score()}
-    masks = StreamMasks(PruningConfig(whole_frame_seconds=0), geometry, codec_signals=True)
+    masks = StreamMasks(PruningConfig.served(whole_frame_seconds=0), geometry, codec_signals=True)
     sampler = FrameSampler(FPS, ANALYSIS_FPS)
     moved = None
     for f, signal in zip(decoded, masks.observe(decoded)):

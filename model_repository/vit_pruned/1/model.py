@@ -15,46 +15,51 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from codecsight import backend
-from codecsight.params import model_params
+from codecsight import backend, params
 from codecsight.protocol import PATCHES, POSITIONS
+from codecsight.requests import EncodeRequest
 from codecsight.vision import OnnxVisionEncoder, encode_patch_sets
 
-DEFAULTS = {"model_dir": "../models/codecsight-demo", "onnx_file": "model.onnx",
-            "max_patches": 4096, "intra_op_threads": 0}
+MODEL = "vit_pruned"
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.params = model_params(args["model_config"], DEFAULTS)
-        onnx_path = Path(args["model_repository"]) / args["model_version"] / self.params["onnx_file"]
+        self.params = params.read(MODEL, args["model_config"])
+        onnx_path = (Path(args["model_repository"]) / args["model_version"]
+                     / self.params["onnx_file"])
         if not onnx_path.is_file():
             raise FileNotFoundError(f"{onnx_path} is missing: run `codecsight build` first")
         self.encoder = OnnxVisionEncoder(onnx_path, self.params["intra_op_threads"] or None)
 
     def execute(self, requests):
-        responses = [None] * len(requests)
-        sets, owners = [], []
+        responses, sets = [None] * len(requests), {}
         for i, request in enumerate(requests):
             try:
-                sets.append((backend.array(request, PATCHES, pb_utils),
-                             backend.array(request, POSITIONS, pb_utils)))
-                owners.append(i)
+                sets[i] = self._read(request)
             except Exception as e:
-                responses[i] = backend.error(pb_utils, f"vit_pruned: stream "
-                                             f"{request.correlation_id()!r}: {e}")
+                responses[i] = backend.failure(pb_utils, MODEL, request, e)
         try:
-            outputs = encode_patch_sets(self.encoder, sets, self.params["max_patches"])
-            for i, tokens in zip(owners, outputs):
-                responses[i] = backend.response(pb_utils, TOKENS=tokens)
+            tokens = encode_patch_sets(self.encoder, [(s.patches, s.positions)
+                                                      for s in sets.values()],
+                                       self.params["max_patches"])
+            for i, t in zip(sets, tokens):
+                responses[i] = backend.response(pb_utils, TOKENS=t)
         except Exception:
             # A packed execution failed: run each set alone so one bad set fails only its own.
-            for i, patch_set in zip(owners, sets):
-                try:
-                    tokens = encode_patch_sets(self.encoder, [patch_set],
-                                               self.params["max_patches"])[0]
-                    responses[i] = backend.response(pb_utils, TOKENS=tokens)
-                except Exception as e:
-                    responses[i] = backend.error(pb_utils, f"vit_pruned: stream "
-                                                 f"{requests[i].correlation_id()!r}: {e}")
+            for i, patch_set in sets.items():
+                responses[i] = backend.respond(pb_utils, MODEL, requests[i],
+                                               lambda _, s=patch_set: self._encode_alone(s))
         return responses
+
+    def _read(self, request):
+        return EncodeRequest(request.correlation_id(),
+                             patches=backend.array(request, PATCHES, pb_utils),
+                             positions=backend.array(request, POSITIONS, pb_utils),
+                             ).validate(self.encoder.patch_dim, self.encoder.patches_per_group,
+                                        self.params["max_patches"])
+
+    def _encode_alone(self, patch_set):
+        tokens = encode_patch_sets(self.encoder, [(patch_set.patches, patch_set.positions)],
+                                   self.params["max_patches"])[0]
+        return backend.response(pb_utils, TOKENS=tokens)
