@@ -1,0 +1,314 @@
+"""The three model.py adapters without a server, against tests/triton_stub.py.
+
+Each model is imported by path and driven as Triton drives it: initialize with the served
+config.pbtxt's parameters (the tiny checkpoint's model_dir), execute with requests that carry
+a correlation ID and START/END flags. codec_parser's outputs feed vit_pruned and those feed
+llm_prefill, as the ensemble wires them.
+"""
+import numpy as np
+import pytest
+
+import triton_stub
+from codecsight.protocol import (ANALYSIS_FPS, CHUNK, CODEC, FRAME_META, PATCHES, POLICY,
+                                 POSITIONS, QUESTION, REFRESH, SOURCE_FPS, TOKENS,
+                                 WINDOW_SECONDS, bytes_scalar)
+
+FPS = 12.5
+
+
+@pytest.fixture(scope="module")
+def chunks(tmp_path_factory):
+    """Two 2 s Annex-B chunks of a 160x128 H.264 clip with one moving box."""
+    from codecsight.tools.synth import Box, encode_h264, moving_boxes
+    from codecsight_client.demux import iter_chunks
+
+    frames, _ = moving_boxes(50, 160, 128, boxes=(Box(x=10, y=40, width=30, height=30,
+                                                      vx=3.0, vy=0.0),), seed=3)
+    path = encode_h264(frames, FPS, gop=25, path=tmp_path_factory.mktemp("clip") / "box.mp4")
+    return [c.data for c in iter_chunks(str(path), 2.0)]
+
+
+@pytest.fixture
+def stub():
+    return triton_stub.pb_utils()
+
+
+@pytest.fixture
+def parser(stub, tiny_dir):
+    """codec_parser's TritonPythonModel, initialized; call with parameter overrides."""
+    def make(**parameters):
+        model = triton_stub.load_model("codec_parser", stub).TritonPythonModel()
+        model.initialize(triton_stub.model_args("codec_parser", model_dir=tiny_dir, **parameters))
+        return model
+    return make
+
+
+def parse_request(stream_id, chunk, start=False, end=False, policy="codec", codec="h264",
+                  window_seconds=4.0, chunk_array=None):
+    return triton_stub.InferenceRequest({
+        CHUNK: np.frombuffer(chunk, np.uint8)[None] if chunk_array is None else chunk_array,
+        CODEC: bytes_scalar(codec), POLICY: bytes_scalar(policy),
+        SOURCE_FPS: np.array([[FPS]], np.float32), ANALYSIS_FPS: np.array([[2.0]], np.float32),
+        WINDOW_SECONDS: np.array([[window_seconds]], np.float32),
+    }, correlation_id=stream_id, start=start, end=end)
+
+
+def one(model, request):
+    return model.execute([request])[0]
+
+
+def refused(response, code, *texts):
+    """Assert an error response with this Triton code whose message holds every text."""
+    assert response.error is not None, "expected an error response"
+    assert response.error.code == code, response.error
+    for text in texts:
+        assert text in response.error.message, response.error.message
+    return response.error.message
+
+
+# --- codec_parser ----------------------------------------------------------------------------
+
+def test_codec_parser_answers_a_start_with_patches_and_its_stats(parser, chunks, tiny_dir):
+    from codecsight.checkpoint import Geometry
+
+    geometry = Geometry.from_model_dir(tiny_dir)
+    model = parser()
+    response = one(model, parse_request("cam-1", chunks[0], start=True))
+    assert response.error is None, response.error
+    patches, positions = response.outputs[PATCHES], response.outputs[POSITIONS]
+    meta = response.outputs[FRAME_META]
+    n = patches.shape[1]
+    assert patches.shape == (1, n, geometry.patch_dim) and patches.dtype == np.float32
+    assert positions.shape == (1, n, 3) and meta.shape[0] == 1 and meta.shape[2] == 7
+    stats = response.json("PARSE_STATS")
+    assert stats["stream"] == "cam-1" and stats["active_streams"] == 1
+    assert stats["policy"] == "codec" and stats["frames_decoded"] == 25
+    assert stats["patches_kept"] == n == 4 * stats["groups_kept"] > 0
+    assert "cam-1" in model.streams
+
+
+def test_the_whole_frame_timer_runs_at_most_the_streams_window(parser, chunks):
+    model = parser()
+    short = one(model, parse_request("short", chunks[0], start=True, window_seconds=1.0))
+    long = one(model, parse_request("long", chunks[0], start=True, window_seconds=30.0))
+    assert short.json("PARSE_STATS")["whole_frame_seconds"] == 1.0
+    assert long.json("PARSE_STATS")["whole_frame_seconds"] == 8.0
+    # 2 fps for 2 s: frames at 0, 0.56, 1.04, 1.52 s. A 1 s window keeps a whole frame at
+    # the start and again once 1 s has passed; the served 8 s timer only at the start.
+    assert short.json("PARSE_STATS")["whole_frames"] == {"start": 1, "timer": 1}
+    assert long.json("PARSE_STATS")["whole_frames"] == {"start": 1}
+
+
+def test_a_timer_of_zero_stays_zero_whatever_the_window(parser, chunks):
+    model = parser(whole_frame_seconds=0)
+    stats = one(model, parse_request("cam-0", chunks[0], start=True, window_seconds=1.0))
+    assert stats.json("PARSE_STATS")["whole_frame_seconds"] == 0.0
+    assert stats.json("PARSE_STATS")["whole_frames"] == {"start": 1}
+
+
+def test_codec_parser_follows_start_continuation_and_end(parser, chunks):
+    model = parser()
+    assert one(model, parse_request("cam-2", chunks[0], start=True)).error is None
+    middle = one(model, parse_request("cam-2", chunks[1]))
+    assert middle.error is None and middle.json("PARSE_STATS")["frames_decoded"] > 0
+    end = one(model, parse_request("cam-2", b"", end=True))
+    assert end.error is None and "cam-2" not in model.streams
+    refused(one(model, parse_request("cam-2", chunks[1])), "NOT_FOUND", "'cam-2'", "START")
+
+
+def test_a_duplicate_start_is_already_exists_and_keeps_the_first_stream(parser, chunks):
+    model = parser()
+    one(model, parse_request("cam-3", chunks[0], start=True))
+    refused(one(model, parse_request("cam-3", chunks[0], start=True)), "ALREADY_EXISTS",
+            "'cam-3'", "already active")
+    after = one(model, parse_request("cam-3", chunks[1], end=True))
+    assert after.error is None and after.json("PARSE_STATS")["decode_errors"] == 0
+
+
+def test_warmup_is_a_dry_run_that_keeps_no_state(parser, chunks, stub):
+    model = parser()
+    response = one(model, parse_request(0, chunks[0]))   # CORRID 0, no flags: Triton's warmup
+    assert response.error is None and response.json("PARSE_STATS")["frames_decoded"] == 25
+    assert len(model.streams) == 0
+    families = model.metrics._families["codecsight_frames_sampled_total"]
+    assert families.metrics == {}   # a dry run is not counted
+
+
+@pytest.mark.parametrize("make, texts", [
+    (lambda c: parse_request("cam-x", c, start=True, policy="fast"), ("unknown policy 'fast'",)),
+    (lambda c: parse_request("cam-x", b"", start=True), ("empty CHUNK",)),
+    (lambda c: parse_request("cam-x", c, start=True, chunk_array=np.zeros((1, 8), np.int32)),
+     ("CHUNK must be a uint8 tensor", "int32")),
+    (lambda c: parse_request("cam-x", c, start=True, window_seconds=0.0),
+     ("WINDOW_SECONDS must be positive",)),
+    (lambda c: parse_request("cam-x", c, start=True, codec="bogus"), ("unknown codec 'bogus'",)),
+    (lambda c: parse_request("../etc", c, start=True), ("invalid stream ID",)),
+], ids=["policy", "empty", "dtype", "window", "codec", "stream-id"])
+def test_codec_parser_refuses_bad_input_as_invalid_arg(parser, chunks, make, texts):
+    model = parser()
+    refused(one(model, make(chunks[0])), "INVALID_ARG", *texts)
+    assert len(model.streams) == 0
+
+
+def test_a_chunk_over_the_configured_cap_is_invalid_arg(parser, chunks):
+    model = parser(max_chunk_bytes=1000)
+    refused(one(model, parse_request("cam-big", chunks[0], start=True)), "INVALID_ARG",
+            "'cam-big'", f"chunk of {len(chunks[0])} bytes is over the 1000-byte cap")
+
+
+def test_an_unexpected_error_is_internal_logged_with_its_traceback_and_the_model_goes_on(
+        parser, chunks, stub, monkeypatch):
+    from codecsight.parser import StreamParser
+
+    model = parser()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StreamParser, "parse", broken)
+        message = refused(one(model, parse_request("cam-bug", chunks[0], start=True)),
+                          "INTERNAL", "'cam-bug'", "RuntimeError: decoder exploded")
+    assert "Traceback" not in message   # the client gets the cause, the log the traceback
+    errors = [m for level, m in stub.Logger.records if level == "error"]
+    assert len(errors) == 1 and "cam-bug" in errors[0] and "Traceback" in errors[0]
+    assert one(model, parse_request("cam-ok", chunks[0], start=True)).error is None
+
+
+# --- vit_pruned ------------------------------------------------------------------------------
+
+@pytest.fixture
+def vit(stub, onnx_path):
+    def make(**parameters):
+        model = triton_stub.load_model("vit_pruned", stub).TritonPythonModel()
+        args = triton_stub.model_args("vit_pruned", config_name="cpu", **parameters)
+        # onnx_path is <dir>/<name>/model.onnx: the adapter looks in <repository>/<version>.
+        args.update(model_repository=str(onnx_path.parent.parent),
+                    model_version=onnx_path.parent.name)
+        model.initialize(args)
+        return model
+    return make
+
+
+def vit_request(stream_id, patches, positions):
+    return triton_stub.InferenceRequest({PATCHES: patches[None], POSITIONS: positions[None]},
+                                        correlation_id=stream_id)
+
+
+@pytest.fixture
+def parsed(parser, chunks):
+    """codec_parser's first response of a stream: (patches [N, D], positions [N, 3], meta)."""
+    response = one(parser(), parse_request("cam-v", chunks[0], start=True, policy="dense"))
+    return (response.outputs[PATCHES][0], response.outputs[POSITIONS][0],
+            response.outputs[FRAME_META][0])
+
+
+def test_vit_pruned_turns_patches_into_one_token_per_merge_group(vit, parsed):
+    patches, positions, _ = parsed
+    response = one(vit(), vit_request("cam-v", patches, positions))
+    assert response.error is None, response.error
+    tokens = response.outputs[TOKENS]
+    assert tokens.shape[:2] == (1, len(patches) // 4) and tokens.dtype == np.float32
+
+
+def test_vit_pruned_refuses_a_bad_set_alone_and_encodes_the_others(vit, parsed):
+    patches, positions, _ = parsed
+    model = vit()
+    alone = one(model, vit_request("good", patches, positions)).outputs[TOKENS]
+    bad = vit_request("bad", patches[:3], positions[:3])
+    responses = model.execute([vit_request("good", patches, positions), bad])
+    np.testing.assert_allclose(responses[0].outputs[TOKENS], alone, rtol=1e-5, atol=1e-6)
+    refused(responses[1], "INVALID_ARG", "'bad'", "3 patches is not a whole number")
+
+
+@pytest.mark.parametrize("cut, texts", [
+    (lambda p, q: (p.astype(np.float64), q), ("PATCHES must be a float32 tensor",)),
+    (lambda p, q: (p[:, :-1], q), ("PATCHES rows must be",)),
+    (lambda p, q: (p, q[:-4]), ("POSITIONS has",)),
+], ids=["dtype", "patch-width", "positions-rows"])
+def test_vit_pruned_refuses_bad_tensors_as_invalid_arg(vit, parsed, cut, texts):
+    patches, positions, _ = parsed
+    refused(one(vit(), vit_request("cam-t", *cut(patches, positions))), "INVALID_ARG",
+            "'cam-t'", *texts)
+
+
+def test_a_frame_over_max_patches_is_invalid_arg_naming_the_limit(vit, parsed):
+    patches, positions, meta = parsed
+    first = positions[:, 0] == positions[0, 0]
+    refused(one(vit(max_patches=8), vit_request("cam-m", patches[first], positions[first])),
+            "INVALID_ARG", f"a frame of {int(first.sum())} patches", "max_patches=8")
+
+
+# --- llm_prefill -----------------------------------------------------------------------------
+
+@pytest.fixture
+def llm(stub, tiny_dir):
+    def make(**parameters):
+        model = triton_stub.load_model("llm_prefill", stub).TritonPythonModel()
+        model.initialize(triton_stub.model_args("llm_prefill", model_dir=tiny_dir,
+                                                max_new_tokens=2, **parameters))
+        return model
+    return make
+
+
+@pytest.fixture
+def visual(vit, parsed):
+    """(tokens, positions, meta) of one request, as the ensemble hands them to llm_prefill."""
+    patches, positions, meta = parsed
+    tokens = one(vit(), vit_request("cam-v", patches, positions)).outputs[TOKENS][0]
+    return tokens, positions, meta
+
+
+def llm_request(stream_id, visual, start=False, end=False, question="is anything moving?",
+                refresh="", window_seconds=4.0, tokens=None):
+    tokens_, positions, meta = visual
+    return triton_stub.InferenceRequest({
+        TOKENS: (tokens_ if tokens is None else tokens)[None], POSITIONS: positions[None],
+        FRAME_META: meta[None], QUESTION: bytes_scalar(question),
+        REFRESH: bytes_scalar(refresh), WINDOW_SECONDS: np.array([[window_seconds]], np.float32),
+    }, correlation_id=stream_id, start=start, end=end)
+
+
+def test_llm_prefill_answers_a_window_and_follows_the_stream_to_its_end(llm, visual):
+    model = llm()
+    first = one(model, llm_request("cam-l", visual, start=True))
+    assert first.error is None, first.error
+    stats = first.json("LLM_STATS")
+    assert stats["stream"] == "cam-l" and stats["refresh"] == "selective"
+    assert stats["visual_tokens"] == len(visual[0]) and stats["batch_size"] == 1
+    assert first.string("ANSWER")
+    empty = (visual[0][:0], visual[1][:0], visual[2][:0])
+    assert one(model, llm_request("cam-l", empty, end=True)).error is None
+    assert len(model.streams) == 0
+    refused(one(model, llm_request("cam-l", empty)), "NOT_FOUND", "'cam-l'", "START")
+
+
+def test_llm_prefill_warmup_is_a_dry_run(llm, visual):
+    model = llm()
+    response = one(model, llm_request(0, visual))
+    assert response.error is None and len(model.streams) == 0
+
+
+@pytest.mark.parametrize("overrides, texts", [
+    (dict(refresh="lazy"), ("unknown refresh policy 'lazy'",)),
+    (dict(question=" ".join(["is"] * 200)), ("question is", "tokens, over the limit of 64")),
+    (dict(window_seconds=-1.0), ("WINDOW_SECONDS must be positive",)),
+    (dict(tokens=np.zeros((4, 8), np.float64)), ("TOKENS must be a float32 tensor",)),
+], ids=["refresh", "question", "window", "dtype"])
+def test_llm_prefill_refuses_bad_input_as_invalid_arg(llm, visual, overrides, texts):
+    model = llm()
+    refused(one(model, llm_request("cam-q", visual, start=True, **overrides)), "INVALID_ARG",
+            "'cam-q'", *texts)
+    assert len(model.streams) == 0
+
+
+def test_a_missing_config_parameter_fails_initialize_naming_model_and_key(stub, tiny_dir):
+    import json
+
+    args = triton_stub.model_args("llm_prefill", model_dir=tiny_dir)
+    config = json.loads(args["model_config"])
+    del config["parameters"]["max_new_tokens"]
+    args["model_config"] = json.dumps(config)
+    model = triton_stub.load_model("llm_prefill", stub).TritonPythonModel()
+    with pytest.raises(ValueError, match=r"'llm_prefill'.*lacks.*\['max_new_tokens'\]"):
+        model.initialize(args)
