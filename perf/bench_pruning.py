@@ -5,7 +5,8 @@
 
 For each clip the stream is cut into 8 s chunks (as the client sends it) and every policy
 runs through codecsight.parser.StreamParser with the settings of
-model_repository/codec_parser/config.pbtxt, then its kept patches through the ONNX vision
+model_repository/codec_parser/config.pbtxt (read by `PruningConfig.served()` and
+`params.served_parameters`), then its kept patches through the ONNX vision
 encoder served by vit_pruned (ONNX Runtime, CPU). Timings are CPU time of this process
 (best of --repeats where repeated): the machine may be shared.
 
@@ -47,7 +48,7 @@ from codecsight.codec import (FrameSampler, StreamDecoder, frame_to_luma,  # noq
                               frame_to_rgb, macroblock_grid, padded_size)
 from codecsight_client import settings as defaults  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
-from codecsight.params import model_params  # noqa: E402
+from codecsight.params import served_parameters  # noqa: E402
 from codecsight.parser import StreamParser  # noqa: E402
 from codecsight.policy import (PruningConfig, StreamMasks, groups_from_macroblocks,  # noqa: E402
                                oracle_keep, overlap_matrix, valid_pixels)
@@ -91,16 +92,7 @@ def generated_clip(name: str, out_dir: Path) -> Path:
 
 def served_settings() -> tuple[PruningConfig, str]:
     """PruningConfig and skip_loop_filter as codec_parser's config.pbtxt sets them."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config = text_format.Parse((REPO / "model_repository" / "codec_parser" / "config.pbtxt")
-                               .read_text(), model_config_pb2.ModelConfig())
-    defaults = {**PruningConfig.defaults(), "skip_loop_filter": "none"}
-    raw = {k: {"string_value": v.string_value} for k, v in config.parameters.items()
-           if k in defaults}
-    params = model_params({"name": "codec_parser", "parameters": raw}, defaults)
-    return PruningConfig.from_params(params), params["skip_loop_filter"]
+    return PruningConfig.served(), served_parameters("codec_parser")["skip_loop_filter"]
 
 
 def run_policy(chunks, info, geometry, policy, config, encoder):

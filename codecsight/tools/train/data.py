@@ -65,17 +65,24 @@ class Item:
 
 
 def policy_keep_masks(path: Path, geometry: Geometry, policy: str, *, analysis_fps: float,
-                      stride_seconds: float) -> dict[int, np.ndarray]:
+                      stride_seconds: float,
+                      window_seconds: float | None = None) -> dict[int, np.ndarray]:
     """Merge groups a patch policy keeps per sampled frame: t -> bool [Hp/28, Wp/28].
 
-    Runs the server's own `parser.StreamParser` over the clip's chunks, so training on a
-    pruned policy sees exactly the patches codec_parser would send.
+    Runs the server's own `parser.StreamParser` over the clip's chunks with codec_parser's
+    served settings (its config.pbtxt), for a stream whose window is window_seconds long,
+    so training on a pruned policy sees exactly the patches codec_parser would send.
     """
     from codecsight_client.demux import iter_chunks, probe
+    from codecsight.params import served_parameters
     from codecsight.parser import StreamParser
+    from codecsight.policy import PruningConfig
 
     info = probe(str(path))
-    parser = StreamParser(geometry, info.codec, info.fps, analysis_fps)
+    parser = StreamParser(geometry, info.codec, info.fps, analysis_fps,
+                          config=PruningConfig.served(),
+                          skip_loop_filter=served_parameters("codec_parser")["skip_loop_filter"],
+                          window_seconds=window_seconds)
     chunks = list(iter_chunks(str(path), stride_seconds))
     masks: dict[int, np.ndarray] = {}
     per_group = geometry.patches_per_group
@@ -123,7 +130,7 @@ def build_suite(seeds, geometry: Geometry, *, scene: synth.SceneConfig, analysis
                                             stride_seconds=stride,
                                             group_pixels=geometry.group_pixels)
             masks = {p: policy_keep_masks(path, geometry, p, analysis_fps=analysis_fps,
-                                          stride_seconds=stride)
+                                          stride_seconds=stride, window_seconds=window_seconds)
                      for p in policies if p != "dense"}
             for w in windows:
                 if not len(w.t):
