@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import sys
 import threading
@@ -52,13 +53,13 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
           file=out, flush=True)
 
     def show(window, chunk):
-        frames = window.llm.get("window_frame_range")
-        kept, total = window.parse["patches_kept"], window.parse["patches_total"]
+        frames = window.llm.window_frame_range
+        kept, total = window.parse.patches_kept, window.parse.patches_total
         with lock:
             print(f"[{window.stream_id}] window {window.index:>3} "
                   f"video {chunk.start_s:6.2f}-{chunk.end_s:6.2f} s "
                   f"frames {frames} kept {kept}/{total} patches, "
-                  f"prefilled {window.llm.get('tokens_prefilled', 0)} tokens, "
+                  f"prefilled {window.llm.tokens_prefilled} tokens, "
                   f"{window.latency_s * 1000:7.1f} ms  answer: {window.answer!r}",
                   file=out, flush=True)
 
@@ -74,15 +75,15 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
 def summarize(results: list, info, out=sys.stdout) -> dict:
     """Print and return totals: bytes sent against raw RGB, patches kept, latency."""
     windows = [w for stream in results for w in stream]
-    sampled = sum(w.parse["frames_sampled"] for w in windows)
+    sampled = sum(w.parse.frames_sampled for w in windows)
     summary = {
         "streams": len(results), "windows": len(windows), "frames_sampled": sampled,
         "bytes_sent": sum(w.bytes_sent for w in windows),
         "raw_rgb_bytes": sampled * info.width * info.height * 3,
-        "patches_kept": sum(w.parse["patches_kept"] for w in windows),
-        "patches_total": sum(w.parse["patches_total"] for w in windows),
-        "tokens_prefilled": sum(w.llm.get("tokens_prefilled", 0) for w in windows),
-        "tokens_reused": sum(w.llm.get("tokens_reused", 0) for w in windows),
+        "patches_kept": sum(w.parse.patches_kept for w in windows),
+        "patches_total": sum(w.parse.patches_total for w in windows),
+        "tokens_prefilled": sum(w.llm.tokens_prefilled for w in windows),
+        "tokens_reused": sum(w.llm.tokens_reused for w in windows),
         "window_latency_ms_p50": float(np.percentile([w.latency_s * 1000 for w in windows], 50))
         if windows else None,
     }
@@ -100,7 +101,7 @@ def summarize(results: list, info, out=sys.stdout) -> dict:
 
 
 def write_json(path: str, results: list) -> None:
-    records = [vars(w) for stream in results for w in stream]
+    records = [dataclasses.asdict(w) for stream in results for w in stream]
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
 

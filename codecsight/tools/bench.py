@@ -206,8 +206,8 @@ def _mean(values) -> float | None:
 def make_record(video: str, info, policy: str, refresh: str, runs: list[Run], args) -> dict:
     """One JSON record from every round's run of (video, policy, refresh)."""
     windows = [w for run in runs for w in run.windows]
-    frames = sum(w.parse.get("frames_sampled", 0) for w in windows)
-    answered = [w for w in windows if w.llm.get("prefill_ms") is not None]
+    frames = sum(w.parse.frames_sampled for w in windows)
+    answered = [w for w in windows if w.llm.prefill_ms is not None]
     wall = sum(run.wall_s for run in runs)
     stage_ms = {name: sum(run.stages.get(name, {}).get("compute_infer_ms", 0.0) for run in runs)
                 for name in STAGES}
@@ -226,32 +226,32 @@ def make_record(video: str, info, policy: str, refresh: str, runs: list[Run], ar
         "fps": args.fps, "window_seconds": args.window_seconds,
         "stride_seconds": stride_of(args),
         "frames_sampled": frames, "windows": len(windows),
-        "patches_total": sum(w.parse.get("patches_total", 0) for w in windows),
-        "patches_kept": sum(w.parse.get("patches_kept", 0) for w in windows),
+        "patches_total": sum(w.parse.patches_total for w in windows),
+        "patches_kept": sum(w.parse.patches_kept for w in windows),
         "vit_ms_per_frame": per_frame(stage_ms["vit_pruned"]),
-        "parser_ms_per_frame": per_frame(sum(w.parse.get("parser_ms", 0.0) for w in windows)),
+        "parser_ms_per_frame": per_frame(sum(w.parse.parser_ms for w in windows)),
         "llm_ms_per_frame": per_frame(stage_ms["llm_prefill"]),
-        "prefill_tokens_per_window": _mean([w.llm.get("tokens_prefilled", 0) for w in windows]),
-        "prefill_ms_per_window": _mean([w.llm["prefill_ms"] for w in answered]),
-        "tokens_reused_per_window": _mean([w.llm.get("tokens_reused", 0) for w in windows]),
-        "tokens_refreshed_per_window": _mean([w.llm.get("tokens_refreshed", 0)
+        "prefill_tokens_per_window": _mean([w.llm.tokens_prefilled for w in windows]),
+        "prefill_ms_per_window": _mean([w.llm.prefill_ms for w in answered]),
+        "tokens_reused_per_window": _mean([w.llm.tokens_reused for w in windows]),
+        "tokens_refreshed_per_window": _mean([w.llm.tokens_refreshed
                                               for w in windows]),
         "throughput_frames_per_s": frames / wall if wall > 0 else None,
         "throughput_frames_per_s_rounds": [
-            sum(w.parse.get("frames_sampled", 0) for w in run.windows) / run.wall_s
+            sum(w.parse.frames_sampled for w in run.windows) / run.wall_s
             for run in runs],
         "window_latency_ms_p50": _percentile(latencies, 50),
         "window_latency_ms_p99": _percentile(latencies, 99),
         "bytes_sent": sum(w.bytes_sent for w in windows),
         "raw_rgb_bytes": frames * info.width * info.height * 3,
         "peak_rss_mb": max(peaks) / 2**20 if peaks else None,
-        "kv_bytes_max": max((w.llm.get("kv_bytes", 0) for w in windows), default=0),
+        "kv_bytes_max": max((w.llm.kv_bytes for w in windows), default=0),
         "wall_s": wall,
         # Triton's view of each composing model over these runs, ms per sampled frame:
         # compute = input + infer + output (tensor copies into and out of the Python stub).
         "stage_compute_ms_per_frame": {k: per_frame(v) for k, v in stage_total_ms.items()},
         "stage_queue_ms_per_frame": {k: per_frame(v) for k, v in queue_ms.items()},
-        "answers": sum(1 for w in windows if w.llm.get("prefill_ms") is not None),
+        "answers": sum(1 for w in windows if w.llm.prefill_ms is not None),
     }
 
 
@@ -592,7 +592,7 @@ def run(args) -> int:
                     run_ = run_once(client, url, video, infos[video], policy, refresh, args,
                                     server_pid, f"{policy}-{refresh}-r{round_index}")
                     runs.setdefault((video, policy, refresh), []).append(run_)
-                    frames = sum(w.parse.get("frames_sampled", 0) for w in run_.windows)
+                    frames = sum(w.parse.frames_sampled for w in run_.windows)
                     say(f"round {round_index + 1}/{args.rounds} {Path(video).name} "
                         f"{policy}/{refresh}: {len(run_.windows)} windows, {frames} frames "
                         f"in {run_.wall_s:.1f} s")

@@ -105,7 +105,7 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
                            f"{len(clip.windows)} labelled windows")
     records = []
     for window, served, qa in zip(results, clip.windows, qas):
-        reported = window.llm.get("window_frame_range")
+        reported = window.llm.window_frame_range
         expected = [int(served.frame_indices[0]), int(served.frame_indices[-1])] \
             if len(served.frame_indices) else None
         records.append({
@@ -113,15 +113,15 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
             "refresh": refresh, "question": qa.question, "truth": qa.answer,
             "answer": window.answer, "correct": window.answer == qa.answer,
             "latency_s": window.latency_s,
-            "frames_sampled": window.parse["frames_sampled"],
-            "patches_kept": window.parse["patches_kept"],
-            "patches_total": window.parse["patches_total"],
-            "tokens_prefilled": window.llm.get("tokens_prefilled", 0),
-            "tokens_reused": window.llm.get("tokens_reused", 0),
-            "visual_tokens": window.llm.get("visual_tokens", 0),
-            "window_frames": window.llm.get("window_frames", 0),
+            "frames_sampled": window.parse.frames_sampled,
+            "patches_kept": window.parse.patches_kept,
+            "patches_total": window.parse.patches_total,
+            "tokens_prefilled": window.llm.tokens_prefilled,
+            "tokens_reused": window.llm.tokens_reused,
+            "visual_tokens": (window.llm.visual_tokens or 0),
+            "window_frames": window.llm.window_frames,
             "window_matches_labels": reported == expected
-            and window.llm.get("window_frames") == len(served.frame_indices),
+            and window.llm.window_frames == len(served.frame_indices),
         })
     return records
 
