@@ -21,13 +21,17 @@ from codecsight_client.demux import last_keyframe_offset
 ENSEMBLE = "ensemble"
 # The most video kept for resuming from the last keyframe (one GOP is far less).
 MAX_RESUME_BYTES = 16 * 1024 * 1024
-# What the server says when it no longer holds a stream's state: the sequence batcher after
-# a restart or idle timeout, or a model that evicted the stream.
-_STATE_LOST = ("must specify the START flag", "restart the stream with a START")
+# Triton's sequence batcher answers a continuation of a sequence it does not know (after a
+# server restart, or its idle timeout) itself, with INVALID_ARGUMENT and this text: the one
+# error read by its message. Our models answer NOT_FOUND (protocol.StreamNotFound).
+_BATCHER_NEEDS_START = "must specify the START flag"
 
 
 def state_lost(error: InferenceServerException) -> bool:
-    return any(s in str(error) for s in _STATE_LOST)
+    """The server no longer holds the stream's state: restart the stream with START."""
+    status = error.status()
+    return status == "StatusCode.NOT_FOUND" or (
+        status == "StatusCode.INVALID_ARGUMENT" and _BATCHER_NEEDS_START in error.message())
 
 
 def unreachable(error: InferenceServerException) -> bool:
