@@ -6,7 +6,6 @@ every composing model keeps (and frees) that stream's state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 
@@ -63,8 +62,8 @@ class WindowResult:
     answer: str
     latency_s: float
     bytes_sent: int
-    parse: dict
-    llm: dict
+    parse: P.ParseStats
+    llm: P.LlmStats
 
 
 def connect(url: str, *, ssl: bool = False, root_certificates: str | None = None,
@@ -172,8 +171,8 @@ class StreamClient:
             stream_id=self.stream_id, index=self.windows,
             answer=P.read_string(result.as_numpy(P.ANSWER)), latency_s=latency,
             bytes_sent=len(chunk),
-            parse=json.loads(P.read_string(result.as_numpy(P.PARSE_STATS))),
-            llm=json.loads(P.read_string(result.as_numpy(P.LLM_STATS))))
+            parse=P.ParseStats.from_json(P.read_string(result.as_numpy(P.PARSE_STATS))),
+            llm=P.LlmStats.from_json(P.read_string(result.as_numpy(P.LLM_STATS))))
         self.windows += 1
         return window
 

@@ -55,9 +55,9 @@ def test_a_truncated_chunk_is_reported_and_the_stream_carries_on(grpc, chunks):
     stream.send(chunks[0].data)
     cut = chunks[1].data[: len(chunks[1].data) // 2 + 7]  # ends inside an access unit
     damaged = stream.send(cut)
-    assert damaged.parse["decode_errors"] >= 1 and "decode_error" in damaged.parse
+    assert damaged.parse.decode_errors >= 1 and damaged.parse.decode_error is not None
     after = stream.send(chunks[2].data, last=True)
-    assert after.parse["frames_decoded"] > 0 and after.answer
+    assert after.parse.frames_decoded > 0 and after.answer
 
 
 def test_flipped_bytes_are_reported_and_the_stream_carries_on(grpc, chunks):
@@ -68,22 +68,22 @@ def test_flipped_bytes_are_reported_and_the_stream_carries_on(grpc, chunks):
     for i in rng.integers(1000, len(data) - 1000, 200):
         data[i] ^= 0xFF
     damaged = stream.send(bytes(data))
-    assert damaged.parse["decode_errors"] >= 1
+    assert damaged.parse.decode_errors >= 1
     after = stream.send(chunks[2].data, last=True)
-    assert after.parse["frames_decoded"] > 0
+    assert after.parse.frames_decoded > 0
 
 
 def test_random_bytes_decode_to_nothing_and_say_so(grpc):
     noise = np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
     window = StreamClient(grpc, new_id("noise"), settings()).send(noise, last=True)
-    assert window.parse["frames_decoded"] == 0 and window.parse["decode_errors"] >= 1
+    assert window.parse.frames_decoded == 0 and window.parse.decode_errors >= 1
 
 
 def test_an_empty_chunk_is_refused_unless_it_ends_the_stream(grpc, chunks):
     refused(grpc, new_id("empty"), b"", r"empty CHUNK")
     stream = StreamClient(grpc, new_id("empty-end"), settings())
     stream.send(chunks[0].data)
-    assert stream.send(b"", last=True).parse["frames_decoded"] >= 0
+    assert stream.send(b"", last=True).parse.frames_decoded >= 0
 
 
 def test_a_chunk_over_the_size_cap_is_refused(grpc):
@@ -131,7 +131,7 @@ def test_a_duplicate_start_is_refused_and_leaves_the_first_stream_intact(grpc, c
     # The first client's stream goes on: its decoder continues mid-GOP without a keyframe,
     # which a fresh decoder could not do (it would drop frames until the next IDR).
     after = first.send(chunks[1].data, last=True)
-    assert after.parse["frames_decoded"] == 50 and after.parse["decode_errors"] == 0
+    assert after.parse.frames_decoded == 50 and after.parse.decode_errors == 0
 
 
 def test_a_question_over_the_token_limit_is_refused(grpc, chunks):

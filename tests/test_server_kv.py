@@ -49,9 +49,9 @@ def stream(server, clip, stream_id, **overrides):
 def test_selective_reuses_the_window_and_prefills_only_new_frames(server, clips):
     full = stream(server, clips["a"], unique("full"), refresh="full")
     selective = stream(server, clips["a"], unique("selective"))
-    assert [w.llm["window_frame_range"] for w in selective] == [
-        w.llm["window_frame_range"] for w in full]
-    slid = [i for i, w in enumerate(full) if w.llm["frames_dropped"]]
+    assert [w.llm.window_frame_range for w in selective] == [
+        w.llm.window_frame_range for w in full]
+    slid = [i for i, w in enumerate(full) if w.llm.frames_dropped]
     assert slid, "the clip is longer than the window, so the window must slide"
     # Before the first slide selective is exact: the same answers as the dense reference.
     assert [w.answer for w in selective[:slid[0]]] == [w.answer for w in full[:slid[0]]]
@@ -83,7 +83,7 @@ def test_interleaved_streams_batched_together_answer_exactly_as_alone(server, cl
             "window_frame_range")
     for name in runs:
         assert [w.answer for w in together[name]] == [w.answer for w in solo[name]], name
-        assert [[w.llm[k] for k in keys] for w in together[name]] == [
-            [w.llm[k] for k in keys] for w in solo[name]], name
-    batched = max(w.llm["batch_size"] for run in together.values() for w in run)
+        assert [[getattr(w.llm, k) for k in keys] for w in together[name]] == [
+            [getattr(w.llm, k) for k in keys] for w in solo[name]], name
+    batched = max(w.llm.batch_size for run in together.values() for w in run)
     assert batched > 1, "llm_prefill never got requests of several streams in one execution"

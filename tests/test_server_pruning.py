@@ -49,7 +49,7 @@ def stream(grpc, path, stride_s=4.0, **overrides):
 
 
 def total(windows, key):
-    return sum(w.parse[key] for w in windows)
+    return sum(getattr(w.parse, key) for w in windows)
 
 
 def test_three_policies_run_side_by_side_on_one_server(server, sparse_clip):
@@ -60,7 +60,7 @@ def test_three_policies_run_side_by_side_on_one_server(server, sparse_clip):
         runs = dict(zip(policies, pool.map(
             lambda p: stream(connect(server.grpc_url), sparse_clip, policy=p), policies)))
     for policy, windows in runs.items():
-        assert [w.parse["policy"] for w in windows] == [policy] * 3
+        assert [w.parse.policy for w in windows] == [policy] * 3
         assert all(w.answer for w in windows)
     dense, evs, codec = (total(runs[p], "patches_kept") for p in policies)
     groups = 9 * 12   # 320x240 pads to 336x252: 9 x 12 merge groups of 28 px
@@ -73,8 +73,8 @@ def test_three_policies_run_side_by_side_on_one_server(server, sparse_clip):
     # Pruned tokens are dropped from the LLM input: one token per kept group (each 4 s
     # window holds exactly the frames of its own 4 s chunk).
     for policy in policies:
-        assert [w.llm["visual_tokens"] for w in runs[policy]] == [
-            w.parse["groups_kept"] for w in runs[policy]]
+        assert [w.llm.visual_tokens for w in runs[policy]] == [
+            w.parse.groups_kept for w in runs[policy]]
 
 
 def test_codec_window_reaches_the_llm_with_fewer_tokens(grpc, sparse_clip):
@@ -82,9 +82,9 @@ def test_codec_window_reaches_the_llm_with_fewer_tokens(grpc, sparse_clip):
     codec = stream(grpc, sparse_clip, policy="codec")
     # Window w holds the frames of its own chunk (4 s window, 4 s stride).
     for d, c in zip(dense, codec):
-        assert c.llm["window_frames"] == d.llm["window_frames"]
-        assert c.llm["visual_tokens"] == c.parse["groups_kept"] < d.llm["visual_tokens"]
-        assert c.llm["tokens_prefilled"] < d.llm["tokens_prefilled"]
+        assert c.llm.window_frames == d.llm.window_frames
+        assert c.llm.visual_tokens == c.parse.groups_kept < d.llm.visual_tokens
+        assert c.llm.tokens_prefilled < d.llm.tokens_prefilled
 
 
 def test_a_stream_switches_policy_from_one_request_to_the_next(grpc, sparse_clip):
@@ -95,7 +95,7 @@ def test_a_stream_switches_policy_from_one_request_to_the_next(grpc, sparse_clip
                                                       "codec"])):
         client.settings.policy = policy
         window = client.send(chunk.data, last=i == len(chunks) - 1)
-        seen.append((window.parse["policy"], window.parse["whole_frames"], window.parse["kept_share"]))
+        seen.append((window.parse.policy, window.parse.whole_frames, window.parse.kept_share))
     assert [p for p, _, _ in seen] == ["dense", "codec", "evs", "codec", "dense", "codec"]
     # The codec state kept up during the dense request: its first codec request prunes at
     # once instead of starting over with a whole frame.
@@ -108,22 +108,25 @@ def test_policy_named_at_start_holds_for_requests_that_name_none(grpc, sparse_cl
     first = client.send(chunks[0].data)
     client.settings.policy = ""
     rest = [client.send(c.data, last=i == len(chunks) - 2) for i, c in enumerate(chunks[1:])]
-    assert first.parse["policy"] == "codec"
-    assert [w.parse["policy"] for w in rest] == ["codec", "codec"]
-    assert all(w.parse["policy_requested"] == "codec" for w in rest)
+    assert first.parse.policy == "codec"
+    assert [w.parse.policy for w in rest] == ["codec", "codec"]
+    assert all(w.parse.policy_requested == "codec" for w in rest)
 
 
 def test_requests_whose_frames_keep_nothing_still_answer(grpc, tmp_path):
     # A still scene in 1 s chunks: after the whole first frame nothing changes before the
-    # 8 s whole-frame timer, so later chunks send zero patches through the ViT and zero visual tokens
-    # to the LLM, and must still get their answer.
+    # whole-frame timer, which the 4 s window bounds (served: 8 s), keeps the frame at 4 s;
+    # the chunks between send zero patches through the ViT and zero visual tokens to the
+    # LLM, and must still get their answer.
     frames, _ = moving_boxes(60, 320, 240, boxes=(), seed=5)
     path = str(encode_h264(frames, FPS, gop=25, path=tmp_path / "still.mp4"))
     windows = stream(grpc, path, stride_s=1.0, policy="codec")
-    assert windows[0].parse["groups_kept_per_frame"][0] == 9 * 12
-    assert [w.parse["groups_kept"] for w in windows[1:]] == [0] * (len(windows) - 1)
-    assert all(w.parse["frames_sampled"] > 0 for w in windows)
-    assert all(w.llm["frames_added"] == w.parse["frames_sampled"] for w in windows)
+    assert windows[0].parse.groups_kept_per_frame[0] == 9 * 12
+    assert [w.parse.whole_frame_seconds for w in windows] == [4.0] * len(windows)
+    assert [w.parse.groups_kept for w in windows[1:]] == [0, 0, 0, 9 * 12]
+    assert windows[4].parse.whole_frames == {"timer": 1}
+    assert all(w.parse.frames_sampled > 0 for w in windows)
+    assert all(w.llm.frames_added == w.parse.frames_sampled for w in windows)
     assert all(w.answer for w in windows)
 
 
@@ -131,6 +134,6 @@ def test_hevc_stream_asking_for_codec_falls_back_to_evs_and_says_so(grpc, hevc_c
     windows = stream(grpc, hevc_clip, policy="codec")
     assert probe(hevc_clip).codec == "hevc"
     for w in windows:
-        assert w.parse["policy"] == "evs" and w.parse["policy_requested"] == "codec"
-        assert "hevc" in w.parse["policy_fallback"] and "evs" in w.parse["policy_fallback"]
+        assert w.parse.policy == "evs" and w.parse.policy_requested == "codec"
+        assert "hevc" in w.parse.policy_fallback and "evs" in w.parse.policy_fallback
     assert total(windows, "patches_kept") < total(windows, "patches_total")
