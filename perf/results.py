@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +28,30 @@ def table(head, rows) -> list[str]:
     return out
 
 
-def provenance(meta: dict) -> list[str]:
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def code_line(data: dict) -> str:
+    """Which code measured the figures: the commit the tool recorded, or (for results from
+    before tools recorded it) the commit that added the JSON, and how far HEAD has moved."""
+    commit = data["meta"].get("machine", {}).get("commit")
+    how = "recorded by the tool"
+    if not commit:
+        commit = _git("log", "-1", "--format=%h", "--", str(data["_source"]))
+        how = "the commit that added these results; the tool did not record its own"
+    if not commit:
+        return "- Code: unknown commit"
+    when = _git("log", "-1", "--format=%cs, %s", commit.split("+")[0])
+    return f"- Code: commit `{commit}` ({how}){f': {when}' if when else ''}"
+
+
+def provenance(data: dict) -> list[str]:
+    meta = data["meta"]
     m = meta.get("machine", {})
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
     server = meta.get("server", {})
@@ -41,6 +65,7 @@ def provenance(meta: dict) -> list[str]:
            if server.get("started_here") else f"already running at {server.get('url')}"),
         f"- Software: Python {m.get('python')}, {versions}",
         f"- Command: `{meta.get('command')}`",
+        code_line(data),
     ]
 
 
@@ -50,7 +75,7 @@ def short(path: str) -> str:
 
 def bench_section(data: dict, out_dir: Path) -> list[str]:
     lines = ["## Side by side: `codecsight bench`", ""]
-    lines += provenance(data["meta"])
+    lines += provenance(data)
     s = data["meta"]["settings"]
     lines += [f"- Settings: analysis {s['fps']:g} fps, window {s['window_seconds']:g} s, stride "
               f"{s['stride_seconds']:g} s, {s['streams']} stream(s) per run, {s['rounds']} "
@@ -181,7 +206,7 @@ def shortfall(records: list[dict], ratio_row: dict) -> list[str]:
 
 def perf_analyzer_section(data: dict) -> list[str]:
     s = data["meta"]["settings"]
-    lines = ["## perf_analyzer (ensemble, concurrent sequences)", ""] + provenance(data["meta"])
+    lines = ["## perf_analyzer (ensemble, concurrent sequences)", ""] + provenance(data)
     lines += [f"- Inputs: {s['chunks']} chunks of {s['stride_seconds']:g} s per sequence from "
               f"{', '.join(short(v) for v in s['videos'])}; {s['sequences_per_stream']} whole "
               f"sequences per concurrent stream", ""]
@@ -206,7 +231,7 @@ def perf_analyzer_section(data: dict) -> list[str]:
 
 
 def locust_section(data: dict) -> list[str]:
-    lines = ["## Locust (gRPC users streaming the clip)", ""] + provenance(data["meta"])
+    lines = ["## Locust (gRPC users streaming the clip)", ""] + provenance(data)
     s = data["meta"]["settings"]
     lines += [f"- {s['users']} users per policy pair, {s['run_time']} s each, "
               f"{'real-time pacing' if s.get('realtime') else 'as fast as answered'}, "
@@ -225,7 +250,7 @@ def locust_section(data: dict) -> list[str]:
 
 def streams_section(data: dict) -> list[str]:
     s = data["meta"]["settings"]
-    lines = ["## Streams sustained in real time", ""] + provenance(data["meta"])
+    lines = ["## Streams sustained in real time", ""] + provenance(data)
     lines += [f"- Clip `{short(s['clip'])}` looped; analysis {s['fps']:g} fps, window "
               f"{s['window_seconds']:g} s, stride {s['stride_seconds']:g} s (the latency bound), "
               f"{s['seconds']:g} s per level, first {s['skip_first']} window(s) of each stream "
@@ -246,7 +271,9 @@ def streams_section(data: dict) -> list[str]:
 
 
 def load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return {**json.loads(path.read_text()), "_source": path}
 
 
 def render(results_dir: Path, out_dir: Path) -> str:

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -442,7 +443,25 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(), "gpu": _has_gpu(), "versions": versions,
+        "commit": code_commit(),
     }
+
+
+def code_commit() -> str | None:
+    """The checkout's commit (short hash, "+changes" when the tree differs from it), or None
+    outside a git checkout: results say which code they measured."""
+    from codecsight.serve import REPO_ROOT
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                         else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _has_gpu() -> bool:
