@@ -27,11 +27,21 @@ def repository():
 
 
 def test_after_a_server_restart_the_client_resumes_its_stream_with_start(repository, tmp_path):
+    """A server restarted under a live stream loses its state: a client that does not resume
+    is refused with the stream named and START asked for; the StreamClient resumes once,
+    re-sending the video since its last keyframe, and answers every window.
+
+    Four 4 s chunks: two before the restart (so the last keyframe, at 4.8 s, is not the
+    stream's first), one resumed, one ending the stream.
+    """
     ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     chunks = list(iter_chunks(CLIP, 4.0))[:4]
     notices = []
     sid = f"cam-{uuid.uuid4().hex[:6]}"
-    with TritonServer(repository, log_path=tmp_path / "first.log", **ports) as server:
+    # Triton counts a live sequence as in flight and on SIGTERM waits --exit-timeout-secs
+    # (30 s by default) for it to end, which this one never does: shut down after 1 s.
+    with TritonServer(repository, log_path=tmp_path / "first.log",
+                      extra_args=("--exit-timeout-secs=1",), **ports) as server:
         stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,
                               notice=notices.append)
         before = [stream.send(c.data) for c in chunks[:2]]
