@@ -45,30 +45,36 @@ def test_each_window_gets_one_answer(solo):
     assert len(solo) == len(chunks) == 4
     assert all(w.answer for w in solo)
     # Every sampled frame of the 30 s clip at 2 fps reached the LLM, in order.
-    sampled = [w.parse["frames_sampled"] for w in solo]
+    sampled = [w.parse.frames_sampled for w in solo]
     assert sum(sampled) == 61
-    assert [w.llm["frames_added"] for w in solo] == sampled
+    assert [w.llm.frames_added for w in solo] == sampled
 
 
 def test_dense_sends_every_patch_to_the_vit_and_prefills_the_whole_window(solo):
     for w in solo:
-        assert w.parse["policy"] == "dense"
-        assert w.parse["patches_kept"] == w.parse["patches_total"] > 0
-        assert w.llm["tokens_prefilled"] > w.llm["visual_tokens"] == (
-            w.llm["window_frames"] * 16 * 28)  # 448x784 padded frame = 16x28 merge groups
-        assert w.llm["tokens_reused"] == 0
+        assert w.parse.policy == "dense"
+        assert w.parse.patches_kept == w.parse.patches_total > 0
+        assert w.llm.tokens_prefilled > w.llm.visual_tokens == (
+            w.llm.window_frames * 16 * 28)  # 448x784 padded frame = 16x28 merge groups
+        assert w.llm.tokens_reused == 0
 
 
 def test_concurrent_streams_answer_exactly_as_alone(server, solo):
+    """Two streams sent at the same time get exactly the answers and windows of the stream
+    sent alone: no state crosses streams. The clip's first two chunks show it (the second
+    starts at frame 100, mid-GOP, so it decodes only on its own stream's decoder state)."""
     from codecsight_client.stream import connect
 
+    chunks = list(iter_chunks(CLIP, WINDOW_S))[:2]
     ids = [unique("cam-a"), unique("cam-b")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda sid: stream_clip(connect(server.grpc_url), sid), ids))
+        runs = list(pool.map(lambda sid: run_stream(connect(server.grpc_url), sid, settings(),
+                                                    iter(chunks)), ids))
+    alone = solo[:len(chunks)]
     for run in runs:
-        assert [w.answer for w in run] == [w.answer for w in solo]
-        assert [w.llm["window_frame_range"] for w in run] == [
-            w.llm["window_frame_range"] for w in solo]
+        assert [w.answer for w in run] == [w.answer for w in alone]
+        assert [w.llm.window_frame_range for w in run] == [
+            w.llm.window_frame_range for w in alone]
 
 
 def test_end_frees_the_streams_state(grpc, solo):
@@ -77,8 +83,8 @@ def test_end_frees_the_streams_state(grpc, solo):
     opened = stream.send(next(chunks).data)
     closed = stream.send(next(chunks).data, last=True)
     # Counted after each request: END took this stream out of both stateful models.
-    assert closed.parse["active_streams"] == opened.parse["active_streams"] - 1
-    assert closed.llm["active_streams"] == opened.llm["active_streams"] - 1
+    assert closed.parse.active_streams == opened.parse.active_streams - 1
+    assert closed.llm.active_streams == opened.llm.active_streams - 1
     # After END the sequence batcher itself refuses a continuation, naming stream and fix.
     with pytest.raises(InferenceServerException,
                        match=rf"sequence {stream.stream_id}.*must specify the START"):
