@@ -82,8 +82,12 @@ def test_random_bytes_decode_to_nothing_and_say_so(grpc):
 def test_an_empty_chunk_is_refused_unless_it_ends_the_stream(grpc, chunks):
     refused(grpc, new_id("empty"), b"", r"empty CHUNK")
     stream = StreamClient(grpc, new_id("empty-end"), settings())
-    stream.send(chunks[0].data)
-    assert stream.send(b"", last=True).parse.frames_decoded >= 0
+    opened = stream.send(chunks[0].data)
+    closed = stream.send(b"", last=True)
+    # Accepted: the stream ends cleanly, its window answered and its state freed.
+    assert closed.parse.decode_errors == 0 and closed.answer
+    assert closed.parse.active_streams == opened.parse.active_streams - 1
+    assert closed.llm.active_streams == opened.llm.active_streams - 1
 
 
 def test_a_chunk_over_the_size_cap_is_refused(grpc):
