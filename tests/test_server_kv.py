@@ -57,13 +57,13 @@ def test_selective_reuses_the_window_and_prefills_only_new_frames(server, clips)
     assert [w.answer for w in selective[:slid[0]]] == [w.answer for w in full[:slid[0]]]
     for i in slid:
         s, f = selective[i].llm, full[i].llm
-        assert s["refresh"] == "selective" and f["refresh"] == "full"
-        assert f["tokens_reused"] == 0 and s["tokens_reused"] > 0
-        assert s["tokens_new"] == s["frames_added"] * GROUPS  # dense: whole new frames
-        assert s["tokens_prefilled"] == s["tokens_new"] + s["tokens_refreshed"] + (
-            f["tokens_prefilled"] - f["tokens_new"] - f["tokens_refreshed"])  # + question
-        assert s["tokens_prefilled"] < f["tokens_prefilled"] / 2
-        assert s["kv_bytes"] == f["kv_bytes"] > 0  # the same rows, held for the stream
+        assert s.refresh == "selective" and f.refresh == "full"
+        assert f.tokens_reused == 0 and s.tokens_reused > 0
+        assert s.tokens_new == s.frames_added * GROUPS  # dense: whole new frames
+        assert s.tokens_prefilled == s.tokens_new + s.tokens_refreshed + (
+            f.tokens_prefilled - f.tokens_new - f.tokens_refreshed)  # + question
+        assert s.tokens_prefilled < f.tokens_prefilled / 2
+        assert s.kv_bytes == f.kv_bytes > 0  # the same rows, held for the stream
         assert selective[i].answer
 
 
