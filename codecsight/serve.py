@@ -118,6 +118,9 @@ class TritonServer:
         # A fresh random key unless one is given: nobody can use the admin APIs by default.
         self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.extra_args = tuple(extra_args)
+        # The Python backend's shared-memory regions (/dev/shm) carry this prefix, so stop()
+        # can remove what a stub left behind (it does when a stream is open at shutdown).
+        self.shm_prefix = f"codecsight_{secrets.token_hex(6)}_"
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_file = None
@@ -150,6 +153,7 @@ class TritonServer:
             f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={self.admin_key}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={self.log_verbose}",
         ]
         if self.config_name:
@@ -199,6 +203,10 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None and self.process.poll() is not None:
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
         if self._log_file:
             self._log_file.close()
             self._log_file = None

@@ -1,5 +1,6 @@
 """Reliability on a real tritonserver of its own (these tests restart it)."""
 import uuid
+from pathlib import Path
 
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -45,6 +46,10 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
         stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,
                               notice=notices.append)
         before = [stream.send(c.data) for c in chunks[:2]]
+        first_regions = server.shm_prefix + "*"
+        assert list(Path("/dev/shm").glob(first_regions))   # the stub's shared memory
+    # Shut down with the stream open, the stub leaves its regions behind: stop() removes them.
+    assert not list(Path("/dev/shm").glob(first_regions))
     with TritonServer(repository, log_path=tmp_path / "second.log", **ports) as server:
         # A client that does not resume gets an error naming the stream and the fix.
         with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*START"):
