@@ -29,9 +29,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", default=defaults.REFRESH_POLICY,
                         choices=P.REFRESH_POLICIES, help="KV refresh policy (full: re-prefill "
                         f"every window, the reference; default: {defaults.REFRESH_POLICY})")
-    parser.add_argument("--stream-id", default="cam-1")
+    parser.add_argument("--stream-id", default="cam-1",
+                        help="the stream's ID: 1-128 letters, digits or ._:- (default: cam-1; "
+                        "with --streams N, ID-0 ... ID-N-1)")
     parser.add_argument("--streams", type=int, default=1,
-                        help="replay the source as N concurrent streams with distinct IDs")
+                        help="replay the source as N concurrent streams with distinct IDs "
+                        "(default: %(default)s)")
     parser.add_argument("--json", metavar="OUT", help="write every window's record as JSON")
 
 
@@ -40,7 +43,15 @@ def stream_ids(base: str, count: int) -> list[str]:
 
 
 def stream_all(client, source: str, args, out=sys.stdout) -> list:
-    """Replay source as args.streams concurrent streams; print each window; return all."""
+    """Replay source as args.streams concurrent streams; print each window; return all.
+
+    Raises ValueError for an invalid stream ID before anything is read or sent.
+    """
+    ids = stream_ids(args.stream_id, args.streams)
+    bad = [sid for sid in ids if not P.STREAM_ID_PATTERN.match(sid)]
+    if bad:
+        raise ValueError(f"invalid stream ID {bad[0]!r}: use 1-128 letters, digits or ._:- "
+                         "starting with a letter or digit")
     info = probe(source)
     settings = StreamSettings(
         question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
@@ -63,7 +74,6 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
                   f"{window.latency_s * 1000:7.1f} ms  answer: {window.answer!r}",
                   file=out, flush=True)
 
-    ids = stream_ids(args.stream_id, args.streams)
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
         futures = [pool.submit(run_stream, client, sid, settings,
                                iter_chunks(source, stride), show) for sid in ids]
@@ -109,7 +119,8 @@ def write_json(path: str, results: list) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="codecsight-client", description=__doc__)
     parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--url", default="127.0.0.1:8001",
+                        help="Triton gRPC address (default: %(default)s)")
     parser.add_argument("--ssl", action="store_true", help="use gRPC over TLS")
     parser.add_argument("--root-certificates", help="PEM file of the CA to trust (with --ssl)")
     parser.add_argument("--private-key", help="client key PEM (mutual TLS)")

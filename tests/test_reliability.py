@@ -40,7 +40,7 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
     notices = []
     sid = f"cam-{uuid.uuid4().hex[:6]}"
     # Triton counts a live sequence as in flight and on SIGTERM waits --exit-timeout-secs
-    # (30 s by default) for it to end, which this one never does: shut down after 1 s.
+    # (serve.EXIT_TIMEOUT_S) for it to end, which this one never does: shut down after 1 s.
     with TritonServer(repository, log_path=tmp_path / "first.log",
                       extra_args=("--exit-timeout-secs=1",), **ports) as server:
         stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,

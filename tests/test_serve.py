@@ -95,3 +95,19 @@ def test_another_checkpoint_gets_a_rendered_repository_with_its_own_export(tmp_p
     assert (out / "vit_pruned" / "1" / "model.onnx").is_file()
     assert lines[0].startswith(f"rendering the model repository for {tiny_dir}")
     assert any(line.startswith("exported in") for line in lines)
+
+
+def test_a_failed_start_shows_the_models_error_lines_not_only_the_log_tail(tmp_path):
+    """A model that fails to load says why near the top of Triton's log; the error a user
+    sees must carry that line even when the log goes on for pages after it."""
+    log = tmp_path / "tritonserver.log"
+    cause = ("E1130 05:10:00.123 1 model_lifecycle.cc:654] failed to load 'codec_parser': "
+             "model 'codec_parser': unknown parameter(s) ['motion_treshold_px']")
+    log.write_text("\n".join(["I1130 05:09:59.000 1 server.cc:1] starting", cause]
+                             + [f"I1130 05:10:01.{i:03d} 1 server.cc:2] option {i}"
+                                for i in range(60)]))
+    server = TritonServer(log_path=log)
+    tail = server.log_tail(lines=30)
+    assert cause in tail and "motion_treshold_px" in tail
+    assert "option 59" in tail and "option 29" not in tail
+    assert "starting" not in tail   # an info line above the tail stays out

@@ -158,7 +158,7 @@ def test_mask_finds_objects_moving_at_least_1_px_per_frame(results, clip, level)
 
 @pytest.mark.parametrize("clip", [c for c in CLIPS if c.sigma == 10], ids=lambda c: c.name)
 def test_heavy_noise_does_not_flood_the_mask(results, clip):
-    # "any nonzero vector" floods under noise (RUNBOOK: up to 93% of macroblocks); the
+    # "any nonzero vector" floods under noise (measured: up to 93% of macroblocks); the
     # threshold and neighbourhood support keep the flags near the truth.
     for score in results[clip].values():
         assert score.share <= 3 * score.true_share, score.row()

@@ -85,9 +85,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, ports=(8001, 8000, 800
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback; 0.0.0.0 exposes the server)")
     grpc, http, metrics = ports
-    parser.add_argument("--grpc-port", type=int, default=grpc, help="0: any free port")
-    parser.add_argument("--http-port", type=int, default=http, help="0: any free port")
-    parser.add_argument("--metrics-port", type=int, default=metrics, help="0: any free port")
+    parser.add_argument("--grpc-port", type=int, default=grpc,
+                        help="0: any free port (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=http,
+                        help="0: any free port (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=metrics,
+                        help="0: any free port (default: %(default)s)")
     parser.add_argument("--log", type=Path, help="tritonserver log file")
     parser.add_argument("--admin-key-file", type=Path,
                         default=REPO_ROOT / ".codecsight" / "admin-key",
