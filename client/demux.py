@@ -9,6 +9,7 @@ order, covering about `stride_seconds` of presentation time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from fractions import Fraction
 from typing import Iterator
 
@@ -42,9 +43,25 @@ class Chunk:
     data: bytes
     start_s: float             # earliest presentation time in the chunk, s from stream start
     end_s: float               # latest presentation time + that frame's duration, s
-    packets: int               # access units (container packets) in the chunk
     index: int                 # 0, 1, 2, ... within the stream
     starts_with_keyframe: bool  # decodable without the chunks before it
+    au_sizes: tuple[int, ...]  # bytes of each access unit in data, decode order (the wire's
+                               # AU_BYTES)
+    au_pts: tuple[float, ...]  # presentation time of each access unit, s from stream start
+                               # (the wire's AU_PTS)
+    time_jump_s: float = 0.0   # stream seconds removed from the timeline just before this
+                               # chunk (a timestamp discontinuity; the wire's TIME_JUMP)
+
+    @property
+    def packets(self) -> int:
+        """Access units (container packets) in the chunk."""
+        return len(self.au_sizes)
+
+    def access_units(self) -> list[tuple[bytes, float]]:
+        """(Annex-B bytes, presentation time s) of each access unit, decode order."""
+        ends = itertools.accumulate(self.au_sizes)
+        starts = itertools.chain([0], itertools.accumulate(self.au_sizes))
+        return [(self.data[a:b], pts) for a, b, pts in zip(starts, ends, self.au_pts)]
 
 
 def is_live(source: str) -> bool:
@@ -116,8 +133,10 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False) -> Itera
     def flush() -> Chunk:
         nonlocal parts, times, index
         chunk = Chunk(data=b"".join(parts), start_s=min(t for t, _ in times),
-                      end_s=max(e for _, e in times), packets=len(times), index=index,
-                      starts_with_keyframe=first_keyframe)
+                      end_s=max(e for _, e in times), index=index,
+                      starts_with_keyframe=first_keyframe,
+                      au_sizes=tuple(len(p) for p in parts),
+                      au_pts=tuple(t for t, _ in times))
         parts, times, index = [], [], index + 1
         return chunk
 

@@ -6,6 +6,7 @@ every composing model keeps (and frees) that stream's state.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 import time
 
@@ -15,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
 from codecsight_client import settings as defaults
-from codecsight_client.demux import last_keyframe_offset
+from codecsight_client.demux import Chunk, last_keyframe_offset
 
 ENSEMBLE = "ensemble"
 # The most video kept for resuming from the last keyframe (one GOP is far less).
@@ -53,6 +54,7 @@ class StreamSettings:
     window_seconds: float = defaults.WINDOW_SECONDS
     policy: str = defaults.PATCH_POLICY
     refresh: str = defaults.REFRESH_POLICY
+    rotation: int = 0                  # degrees clockwise that turn frames upright (ROTATION)
 
 
 @dataclasses.dataclass
@@ -80,15 +82,50 @@ def _input(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return tensor
 
 
-def _fp32(value: float) -> np.ndarray:
-    return np.array([[value]], dtype=np.float32)
+# protocol's Triton data types as tritonclient names them.
+_WIRE_DTYPES = {"TYPE_UINT8": "UINT8", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
+                "TYPE_FP32": "FP32", "TYPE_FP64": "FP64", "TYPE_STRING": "BYTES"}
+_ENSEMBLE_DTYPES = {t.name: _WIRE_DTYPES[t.dtype] for t in P.MODEL_TENSORS["ensemble"]["input"]}
+_NUMPY_DTYPES = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
+                 "FP64": np.float64, "BYTES": np.object_}
+
+
+def request_arrays(access_units: list[tuple[bytes, float]], settings: StreamSettings, *,
+                   chunk_seq: int, token: str, time_jump: float = 0.0) -> dict[str, np.ndarray]:
+    """The ensemble's inputs for one request, each with Triton's batch axis of 1.
+
+    access_units: (Annex-B bytes, presentation time in stream seconds) per access unit, in
+    decode order. Returns name -> array in protocol.MODEL_TENSORS["ensemble"]'s dtypes:
+    CHUNK uint8 [1, L], AU_BYTES int64 [1, K], AU_PTS float64 [1, K], scalars [1, 1].
+    """
+    data = b"".join(au for au, _ in access_units)
+
+    def scalar(name: str, value) -> np.ndarray:
+        dtype = _NUMPY_DTYPES[_ENSEMBLE_DTYPES[name]]
+        return P.bytes_scalar(value) if dtype is np.object_ else np.array([[value]], dtype)
+
+    s = settings
+    return {
+        P.CHUNK: np.frombuffer(data, dtype=np.uint8)[None],
+        P.CODEC: scalar(P.CODEC, s.codec), P.SOURCE_FPS: scalar(P.SOURCE_FPS, s.source_fps),
+        P.ANALYSIS_FPS: scalar(P.ANALYSIS_FPS, s.analysis_fps),
+        P.POLICY: scalar(P.POLICY, s.policy), P.REFRESH: scalar(P.REFRESH, s.refresh),
+        P.WINDOW_SECONDS: scalar(P.WINDOW_SECONDS, s.window_seconds),
+        P.QUESTION: scalar(P.QUESTION, s.question),
+        P.AU_BYTES: np.array([[len(au) for au, _ in access_units]], np.int64).reshape(1, -1),
+        P.AU_PTS: np.array([[pts for _, pts in access_units]], np.float64).reshape(1, -1),
+        P.CHUNK_SEQ: scalar(P.CHUNK_SEQ, chunk_seq),
+        P.STREAM_TOKEN: scalar(P.STREAM_TOKEN, token),
+        P.ROTATION: scalar(P.ROTATION, s.rotation),
+        P.TIME_JUMP: scalar(P.TIME_JUMP, time_jump),
+    }
 
 
 class StreamClient:
     """One stream: call send() for each chunk in order; the first is START, last=True is END."""
 
     def __init__(self, client, stream_id: str, settings: StreamSettings, timeout_s: float = 600,
-                 reconnect_s: float = 60.0, notice=_stderr_notice):
+                 reconnect_s: float = 60.0, notice=_stderr_notice, token: str | None = None):
         if not P.STREAM_ID_PATTERN.match(stream_id):
             raise ValueError(f"invalid stream ID {stream_id!r}: use 1-128 letters, digits or "
                              "._:- starting with a letter or digit")
@@ -98,29 +135,40 @@ class StreamClient:
         self.notice = notice
         self.resumes = 0
         self.started = False
-        self._since_keyframe = b""  # video sent since the last keyframe, to resume from
+        # The stream's owner secret (STREAM_TOKEN): the server binds it at START.
+        self.token = token or secrets.token_urlsafe(24)
+        self.next_seq = 0          # CHUNK_SEQ of the next chunk
+        # Access units sent since the last keyframe, (bytes, pts s), to resume from.
+        self._since_keyframe: list[tuple[bytes, float]] = []
+        self._next_pts = 0.0       # for bytes sent without timing (tests, fault injection)
         self.windows = 0
         self.bytes_sent = 0
 
-    def inputs(self, chunk: bytes) -> list[grpcclient.InferInput]:
-        s = self.settings
-        return [
-            _input(P.CHUNK, np.frombuffer(chunk, dtype=np.uint8)[None], "UINT8"),
-            _input(P.CODEC, P.bytes_scalar(s.codec), "BYTES"),
-            _input(P.SOURCE_FPS, _fp32(s.source_fps), "FP32"),
-            _input(P.ANALYSIS_FPS, _fp32(s.analysis_fps), "FP32"),
-            _input(P.POLICY, P.bytes_scalar(s.policy), "BYTES"),
-            _input(P.REFRESH, P.bytes_scalar(s.refresh), "BYTES"),
-            _input(P.WINDOW_SECONDS, _fp32(s.window_seconds), "FP32"),
-            _input(P.QUESTION, P.bytes_scalar(s.question), "BYTES"),
-        ]
+    def inputs(self, chunk: Chunk | bytes, chunk_seq: int = 0,
+               time_jump: float = 0.0) -> list[grpcclient.InferInput]:
+        """tritonclient inputs of one request carrying chunk (see request_arrays)."""
+        return self._inputs(self._access_units(chunk), chunk_seq, time_jump)
 
-    def _send_continuation_raw(self, chunk: bytes) -> WindowResult:
-        """A continuation with no resume or retry: what a naive client would send."""
-        self.started = True
-        return self._send(chunk, False)
+    def _inputs(self, units: list[tuple[bytes, float]], chunk_seq: int,
+                time_jump: float) -> list[grpcclient.InferInput]:
+        arrays = request_arrays(units, self.settings, chunk_seq=chunk_seq, token=self.token,
+                                time_jump=time_jump)
+        return [_input(name, value, _ENSEMBLE_DTYPES[name]) for name, value in arrays.items()]
 
-    def send(self, chunk: bytes, last: bool = False) -> WindowResult:
+    def _access_units(self, chunk: Chunk | bytes) -> list[tuple[bytes, float]]:
+        """A Chunk's access units; raw bytes (no timing known) as one unit at the next time."""
+        if isinstance(chunk, Chunk):
+            return chunk.access_units()
+        return [(bytes(chunk), self._next_pts)] if len(chunk) else []
+
+    def send_once(self, chunk: Chunk | bytes, last: bool = False) -> WindowResult:
+        """Send one request as it is: no resume, no retry (what a naive client sends)."""
+        window = self._send(self._access_units(chunk), last, self.next_seq,
+                            chunk.time_jump_s if isinstance(chunk, Chunk) else 0.0)
+        self.next_seq += 1
+        return window
+
+    def send(self, chunk: Chunk | bytes, last: bool = False) -> WindowResult:
         """Send one chunk; returns the window's answer and the models' statistics.
 
         If the server lost the stream's state (restart, idle eviction), the chunk is sent
@@ -128,17 +176,23 @@ class StreamClient:
         server is unreachable it is retried with backoff for up to reconnect_s seconds.
         """
         deadline, delay, resumed = None, 0.5, False
+        units = self._access_units(chunk)
+        time_jump = chunk.time_jump_s if isinstance(chunk, Chunk) else 0.0
+        seq = self.next_seq
         while True:
             try:
-                return self._send(chunk, last)
+                window = self._send(units, last, seq, time_jump)
+                self.next_seq = seq + 1
+                return window
             except InferenceServerException as e:
                 if self.started and not resumed and state_lost(e):
                     # A fresh decoder can only begin at a keyframe: re-send the video since
                     # the last one ahead of this chunk, so the resumed window has frames.
                     self.notice(f"stream {self.stream_id!r}: the server lost its state; "
                                 f"resuming it with START from its last keyframe "
-                                f"({len(self._since_keyframe)} bytes re-sent)")
-                    chunk = self._since_keyframe + chunk
+                                f"({sum(len(au) for au, _ in self._since_keyframe)} bytes "
+                                "re-sent)")
+                    units = self._since_keyframe + units
                     self.started, resumed = False, True
                     self.resumes += 1
                     continue
@@ -152,29 +206,41 @@ class StreamClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _send(self, chunk: bytes, last: bool) -> WindowResult:
+    def _send(self, units: list[tuple[bytes, float]], last: bool, chunk_seq: int,
+              time_jump: float = 0.0) -> WindowResult:
         outputs = [grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS]
         t_start = time.perf_counter()
         # The request ID is the stream ID, so even errors Triton raises before any model
         # runs (wrong dtype or shape) name the stream.
         result = self.client.infer(
-            ENSEMBLE, self.inputs(chunk), outputs=outputs, request_id=self.stream_id,
-            sequence_id=self.stream_id, sequence_start=not self.started, sequence_end=last,
-            client_timeout=self.timeout_s)
+            ENSEMBLE, self._inputs(units, chunk_seq, time_jump), outputs=outputs,
+            request_id=self.stream_id, sequence_id=self.stream_id,
+            sequence_start=not self.started, sequence_end=last, client_timeout=self.timeout_s)
         latency = time.perf_counter() - t_start
         self.started = True
-        self.bytes_sent += len(chunk)
-        keyframe = last_keyframe_offset(chunk, self.settings.codec)
-        tail = chunk[keyframe:] if keyframe >= 0 else self._since_keyframe + chunk
-        self._since_keyframe = tail if len(tail) <= MAX_RESUME_BYTES else b""
+        sent = sum(len(au) for au, _ in units)
+        self.bytes_sent += sent
+        self._remember(units)
         window = WindowResult(
             stream_id=self.stream_id, index=self.windows,
             answer=P.read_string(result.as_numpy(P.ANSWER)), latency_s=latency,
-            bytes_sent=len(chunk),
+            bytes_sent=sent,
             parse=P.ParseStats.from_json(P.read_string(result.as_numpy(P.PARSE_STATS))),
             llm=P.LlmStats.from_json(P.read_string(result.as_numpy(P.LLM_STATS))))
         self.windows += 1
         return window
+
+    def _remember(self, units: list[tuple[bytes, float]]) -> None:
+        """Keep the access units since the last keyframe (a fresh decoder starts there)."""
+        for au, pts in units:
+            keyframe = last_keyframe_offset(au, self.settings.codec)
+            if keyframe >= 0:
+                self._since_keyframe = [(au[keyframe:], pts)]
+            else:
+                self._since_keyframe.append((au, pts))
+            self._next_pts = max(self._next_pts, pts + 1.0 / self.settings.source_fps)
+        if sum(len(au) for au, _ in self._since_keyframe) > MAX_RESUME_BYTES:
+            self._since_keyframe = []
 
 
 def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_window=None):
@@ -183,12 +249,12 @@ def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_wind
     results, pending = [], None
     for chunk in chunks:
         if pending is not None:
-            results.append(stream.send(pending.data))
+            results.append(stream.send(pending))
             if on_window:
                 on_window(results[-1], pending)
         pending = chunk
     if pending is not None:
-        results.append(stream.send(pending.data, last=True))
+        results.append(stream.send(pending, last=True))
         if on_window:
             on_window(results[-1], pending)
     return results

@@ -20,6 +20,12 @@ POLICY = "POLICY"                  # BYTES [1, 1]: patch policy, see PATCH_POLIC
 REFRESH = "REFRESH"                # BYTES [1, 1]: KV refresh policy; "" keeps the current one
 WINDOW_SECONDS = "WINDOW_SECONDS"  # FP32 [1, 1]: length of the sliding window
 QUESTION = "QUESTION"              # BYTES [1, 1]: question; empty keeps the stream's last one
+AU_BYTES = "AU_BYTES"              # INT64 [1, K]: bytes of each access unit of CHUNK, in order
+AU_PTS = "AU_PTS"                  # FP64 [1, K]: presentation time of each access unit, stream s
+CHUNK_SEQ = "CHUNK_SEQ"            # INT64 [1, 1]: the chunk's number: START's, then +1 each
+STREAM_TOKEN = "STREAM_TOKEN"      # BYTES [1, 1]: the owner's secret, bound at START
+ROTATION = "ROTATION"              # INT32 [1, 1]: degrees clockwise that turn frames upright
+TIME_JUMP = "TIME_JUMP"            # FP64 [1, 1]: stream seconds the client removed before CHUNK
 
 # Between composing models.
 PATCHES = "PATCHES"                # FP32 [1, N, patch_dim]: kept patches, block-major
@@ -68,12 +74,18 @@ def _specs(*rows) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name, dtype, tuple(dims)) for name, dtype, dims in rows)
 
 
+
 _FRAME_META_DIMS = (-1, len(FRAME_META_COLUMNS))
+# What a camera stream's requests carry besides the video: timing, order, ownership, rotation.
+_STREAM_INPUTS = ((AU_BYTES, "TYPE_INT64", [-1]), (AU_PTS, "TYPE_FP64", [-1]),
+                  (CHUNK_SEQ, "TYPE_INT64", [1]), (STREAM_TOKEN, "TYPE_STRING", [1]),
+                  (ROTATION, "TYPE_INT32", [1]), (TIME_JUMP, "TYPE_FP64", [1]))
 MODEL_TENSORS: dict[str, dict[str, tuple[TensorSpec, ...]]] = {
     "codec_parser": {
         "input": _specs((CHUNK, "TYPE_UINT8", [-1]), (CODEC, "TYPE_STRING", [1]),
                         (SOURCE_FPS, "TYPE_FP32", [1]), (ANALYSIS_FPS, "TYPE_FP32", [1]),
-                        (POLICY, "TYPE_STRING", [1]), (WINDOW_SECONDS, "TYPE_FP32", [1])),
+                        (POLICY, "TYPE_STRING", [1]), (WINDOW_SECONDS, "TYPE_FP32", [1]),
+                        *_STREAM_INPUTS),
         "output": _specs((PATCHES, "TYPE_FP32", [-1, PATCH_DIM]),
                          (POSITIONS, "TYPE_INT64", [-1, 3]),
                          (FRAME_META, "TYPE_INT64", _FRAME_META_DIMS),
@@ -96,7 +108,8 @@ MODEL_TENSORS: dict[str, dict[str, tuple[TensorSpec, ...]]] = {
         "input": _specs((CHUNK, "TYPE_UINT8", [-1]), (CODEC, "TYPE_STRING", [1]),
                         (SOURCE_FPS, "TYPE_FP32", [1]), (ANALYSIS_FPS, "TYPE_FP32", [1]),
                         (POLICY, "TYPE_STRING", [1]), (REFRESH, "TYPE_STRING", [1]),
-                        (WINDOW_SECONDS, "TYPE_FP32", [1]), (QUESTION, "TYPE_STRING", [1])),
+                        (WINDOW_SECONDS, "TYPE_FP32", [1]), (QUESTION, "TYPE_STRING", [1]),
+                        *_STREAM_INPUTS),
         "output": _specs((ANSWER, "TYPE_STRING", [1]), (PARSE_STATS, "TYPE_STRING", [1]),
                          (LLM_STATS, "TYPE_STRING", [1])),
     },

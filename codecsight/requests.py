@@ -13,12 +13,13 @@ from typing import Callable
 
 import numpy as np
 
-from codecsight.protocol import (CHUNK, FRAME_META, MODEL_TENSORS, PATCH_POLICIES, PATCHES,
-                                 POSITIONS, REFRESH_POLICIES, STREAM_ID_PATTERN, TOKENS,
-                                 InvalidRequest, check_choice)
+from codecsight.protocol import (AU_BYTES, AU_PTS, CHUNK, FRAME_META, MODEL_TENSORS,
+                                 PATCH_POLICIES, PATCHES, POSITIONS, REFRESH_POLICIES,
+                                 STREAM_ID_PATTERN, TOKENS, InvalidRequest, check_choice)
 
 # numpy dtype of each Triton data type a model reads as an array.
-_NUMPY = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_INT64": np.int64}
+_NUMPY = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_FP64": np.float64,
+          "TYPE_INT32": np.int32, "TYPE_INT64": np.int64}
 
 
 def check_tensor(stream_id, model: str, name: str, value: np.ndarray) -> np.ndarray:
@@ -79,12 +80,30 @@ class ParseRequest:
     source_fps: float        # frames per second of the camera stream
     analysis_fps: float      # frames per second the VLM looks at
     window_seconds: float    # the stream's LLM window: bounds the whole-frame timer
+    au_bytes: np.ndarray     # int64 [K]: bytes of each access unit of chunk, decode order
+    au_pts: np.ndarray       # float64 [K]: presentation time of each access unit, stream s
+    chunk_seq: int           # the chunk's number in the stream (START's, then +1 each)
+    stream_token: str        # the owner's secret for the stream
+    rotation: int            # degrees clockwise that turn frames upright (read at START)
+    time_jump: float         # stream seconds the client removed just before this chunk
 
     def validate(self, max_chunk_bytes: int) -> "ParseRequest":
         """Raises InvalidRequest for a bad stream ID, a chunk that is not 1-D UINT8, over
-        max_chunk_bytes or empty without END, an unknown policy or a bad window."""
+        max_chunk_bytes or empty without END, access-unit sizes and times that do not
+        describe the chunk, an unknown policy or a bad window."""
         sid = self.seq.validate().stream_id
         check_tensor(sid, "codec_parser", CHUNK, self.chunk)
+        check_tensor(sid, "codec_parser", AU_BYTES, self.au_bytes)
+        check_tensor(sid, "codec_parser", AU_PTS, self.au_pts)
+        if len(self.au_pts) != len(self.au_bytes) or int(self.au_bytes.sum()) != len(
+                self.chunk) or (self.au_bytes <= 0).any():
+            raise InvalidRequest(sid, f"AU_BYTES ({len(self.au_bytes)} access units, "
+                                 f"{int(self.au_bytes.sum())} bytes) and AU_PTS "
+                                 f"({len(self.au_pts)} times) must describe the "
+                                 f"{len(self.chunk)}-byte CHUNK: one positive size and one "
+                                 "time per access unit, sizes summing to the chunk")
+        if not np.isfinite(self.au_pts).all():
+            raise InvalidRequest(sid, "AU_PTS must be finite stream seconds")
         if len(self.chunk) > max_chunk_bytes:
             raise InvalidRequest(sid, f"chunk of {len(self.chunk)} bytes is over the "
                                  f"{max_chunk_bytes}-byte cap; send smaller chunks")

@@ -154,7 +154,7 @@ class CameraStream(User):
                 gevent.sleep(max(0.0, t0 + i * self.stride_s - time.perf_counter()))
             t_send = time.perf_counter()
             try:
-                window = stream.send(chunk.data, last=i == len(self.chunks) - 1)
+                window = stream.send(chunk, last=i == len(self.chunks) - 1)
             except Exception as e:  # tritonclient's errors carry the server's message
                 events.request.fire(request_type="grpc", name=name,
                                     response_time=(time.perf_counter() - t_send) * 1000.0,

@@ -14,6 +14,7 @@ import argparse
 import base64
 import itertools
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -24,22 +25,35 @@ from codecsight.tools import exit_code  # noqa: E402
 from codecsight.tools.bench import check_policies, split_list  # noqa: E402
 from codecsight_client import settings as defaults  # noqa: E402
 from codecsight_client.demux import iter_chunks, probe  # noqa: E402
+from codecsight_client.stream import StreamSettings, request_arrays  # noqa: E402
 
 
 def stream_steps(video: str, *, policy: str, refresh: str, fps: float, window_seconds: float,
                  stride_seconds: float, chunks: int, question: str) -> list[dict]:
-    """One stream's requests: the first `chunks` chunks of video, every ensemble input set."""
+    """One stream's requests: the first `chunks` chunks of video, every ensemble input set
+    exactly as StreamClient sends it (codecsight_client.stream.request_arrays)."""
     info = probe(video)
+    settings = StreamSettings(question=question, codec=info.codec, source_fps=info.fps,
+                              analysis_fps=fps, window_seconds=window_seconds, policy=policy,
+                              refresh=refresh)
+    token = secrets.token_urlsafe(24)   # one owner for every sequence replaying this stream
     steps = []
-    for chunk in itertools.islice(iter_chunks(video, stride_seconds), chunks):
-        steps.append({
-            # Shapes leave out the batch axis (the ensemble batches): CHUNK is [L].
-            P.CHUNK: {"b64": base64.b64encode(chunk.data).decode("ascii"),
-                      "shape": [len(chunk.data)]},
-            P.CODEC: [info.codec], P.SOURCE_FPS: [info.fps], P.ANALYSIS_FPS: [fps],
-            P.POLICY: [policy], P.REFRESH: [refresh], P.WINDOW_SECONDS: [window_seconds],
-            P.QUESTION: [question],
-        })
+    for seq, chunk in enumerate(itertools.islice(iter_chunks(video, stride_seconds), chunks)):
+        arrays = request_arrays(chunk.access_units(), settings, chunk_seq=seq, token=token,
+                                time_jump=chunk.time_jump_s)
+        step = {}
+        for name, value in arrays.items():
+            value = value[0]   # shapes leave out the batch axis (the ensemble batches)
+            if name == P.CHUNK:
+                step[name] = {"b64": base64.b64encode(value.tobytes()).decode("ascii"),
+                              "shape": [len(value)]}
+            elif value.dtype == object:
+                step[name] = [v.decode("utf-8") for v in value]
+            elif name in (P.AU_BYTES, P.AU_PTS):   # variable length: give the shape
+                step[name] = {"content": value.tolist(), "shape": list(value.shape)}
+            else:
+                step[name] = value.tolist()
+        steps.append(step)
     if not steps:
         raise ValueError(f"{video}: no chunks of {stride_seconds} s to send")
     return steps

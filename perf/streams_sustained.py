@@ -49,7 +49,7 @@ def stream_live(url: str, clip: str, info, settings, chunks: list, offset_s: flo
         # Past the level's end (overloaded streams lag far behind): this chunk is the last.
         last = k == len(chunks) - 1 or time.perf_counter() > deadline
         try:
-            window = stream.send(chunk.data, last=last)
+            window = stream.send(chunk, last=last)
             latency, error = time.perf_counter() - due, None
         except Exception as e:  # a failed window counts as an infinitely late one
             window, latency, error = None, float("inf"), f"{type(e).__name__}: {e}"

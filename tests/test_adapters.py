@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import triton_stub
-from codecsight.protocol import (ANALYSIS_FPS, CHUNK, CODEC, FRAME_META, PATCHES, POLICY,
-                                 POSITIONS, QUESTION, REFRESH, SOURCE_FPS, TOKENS,
-                                 WINDOW_SECONDS, bytes_scalar)
+from codecsight.protocol import (CHUNK, FRAME_META, MODEL_TENSORS, PATCHES, POSITIONS,
+                                 QUESTION, REFRESH, TOKENS, WINDOW_SECONDS, bytes_scalar)
+from codecsight_client.demux import Chunk
+from codecsight_client.stream import StreamSettings, request_arrays
 
 FPS = 12.5
 
@@ -25,7 +26,7 @@ def chunks(tmp_path_factory):
     frames, _ = moving_boxes(50, 160, 128, boxes=(Box(x=10, y=40, width=30, height=30,
                                                       vx=3.0, vy=0.0),), seed=3)
     path = encode_h264(frames, FPS, gop=25, path=tmp_path_factory.mktemp("clip") / "box.mp4")
-    return [c.data for c in iter_chunks(str(path), 2.0)]
+    return list(iter_chunks(str(path), 2.0))
 
 
 @pytest.fixture
@@ -44,13 +45,17 @@ def parser(stub, tiny_dir):
 
 
 def parse_request(stream_id, chunk, start=False, end=False, policy="codec", codec="h264",
-                  window_seconds=4.0, chunk_array=None):
-    return triton_stub.InferenceRequest({
-        CHUNK: np.frombuffer(chunk, np.uint8)[None] if chunk_array is None else chunk_array,
-        CODEC: bytes_scalar(codec), POLICY: bytes_scalar(policy),
-        SOURCE_FPS: np.array([[FPS]], np.float32), ANALYSIS_FPS: np.array([[2.0]], np.float32),
-        WINDOW_SECONDS: np.array([[window_seconds]], np.float32),
-    }, correlation_id=stream_id, start=start, end=end)
+                  window_seconds=4.0, chunk_array=None, chunk_seq=0, token="owner-secret"):
+    """A codec_parser request as the ensemble forwards it: the client's wire arrays."""
+    units = chunk.access_units() if isinstance(chunk, Chunk) else [(chunk, 0.0)] if chunk else []
+    settings = StreamSettings(codec=codec, source_fps=FPS, analysis_fps=2.0,
+                              window_seconds=window_seconds, policy=policy)
+    arrays = request_arrays(units, settings, chunk_seq=chunk_seq, token=token)
+    if chunk_array is not None:
+        arrays[CHUNK] = chunk_array
+    model_inputs = {t.name for t in MODEL_TENSORS["codec_parser"]["input"]}
+    return triton_stub.InferenceRequest({k: v for k, v in arrays.items() if k in model_inputs},
+                                        correlation_id=stream_id, start=start, end=end)
 
 
 def one(model, request):
@@ -153,7 +158,7 @@ def test_codec_parser_refuses_bad_input_as_invalid_arg(parser, chunks, make, tex
 def test_a_chunk_over_the_configured_cap_is_invalid_arg(parser, chunks):
     model = parser(max_chunk_bytes=1000)
     refused(one(model, parse_request("cam-big", chunks[0], start=True)), "INVALID_ARG",
-            "'cam-big'", f"chunk of {len(chunks[0])} bytes is over the 1000-byte cap")
+            "'cam-big'", f"chunk of {len(chunks[0].data)} bytes is over the 1000-byte cap")
 
 
 def test_an_unexpected_error_is_internal_logged_with_its_traceback_and_the_model_goes_on(

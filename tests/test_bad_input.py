@@ -45,31 +45,31 @@ def refused(grpc, stream_id, chunk, match, start=True, end=False, **overrides):
     stream = StreamClient(grpc, stream_id, settings(**overrides), reconnect_s=0)
     stream.started = not start
     with pytest.raises(InferenceServerException, match=match) as info:
-        stream._send(chunk, end)
+        stream.send_once(chunk, end)
     assert stream_id in str(info.value)
     return str(info.value)
 
 
 def test_a_truncated_chunk_is_reported_and_the_stream_carries_on(grpc, chunks):
     stream = StreamClient(grpc, new_id("truncated"), settings())
-    stream.send(chunks[0].data)
+    stream.send(chunks[0])
     cut = chunks[1].data[: len(chunks[1].data) // 2 + 7]  # ends inside an access unit
     damaged = stream.send(cut)
     assert damaged.parse.decode_errors >= 1 and damaged.parse.decode_error is not None
-    after = stream.send(chunks[2].data, last=True)
+    after = stream.send(chunks[2], last=True)
     assert after.parse.frames_decoded > 0 and after.answer
 
 
 def test_flipped_bytes_are_reported_and_the_stream_carries_on(grpc, chunks):
     stream = StreamClient(grpc, new_id("corrupt"), settings())
-    stream.send(chunks[0].data)
+    stream.send(chunks[0])
     data = bytearray(chunks[1].data)
     rng = np.random.default_rng(0)
     for i in rng.integers(1000, len(data) - 1000, 200):
         data[i] ^= 0xFF
     damaged = stream.send(bytes(data))
     assert damaged.parse.decode_errors >= 1
-    after = stream.send(chunks[2].data, last=True)
+    after = stream.send(chunks[2], last=True)
     assert after.parse.frames_decoded > 0
 
 
@@ -82,7 +82,7 @@ def test_random_bytes_decode_to_nothing_and_say_so(grpc):
 def test_an_empty_chunk_is_refused_unless_it_ends_the_stream(grpc, chunks):
     refused(grpc, new_id("empty"), b"", r"empty CHUNK")
     stream = StreamClient(grpc, new_id("empty-end"), settings())
-    opened = stream.send(chunks[0].data)
+    opened = stream.send(chunks[0])
     closed = stream.send(b"", last=True)
     # Accepted: the stream ends cleanly, its window answered and its state freed.
     assert closed.parse.decode_errors == 0 and closed.answer
@@ -130,11 +130,11 @@ def test_stream_ids_are_validated(grpc, chunks, bad_id):
 def test_a_duplicate_start_is_refused_and_leaves_the_first_stream_intact(grpc, chunks):
     sid = new_id("dup")
     first = StreamClient(grpc, sid, settings())
-    first.send(chunks[0].data)
+    first.send(chunks[0])
     refused(grpc, sid, chunks[0].data, r"already active")
     # The first client's stream goes on: its decoder continues mid-GOP without a keyframe,
     # which a fresh decoder could not do (it would drop frames until the next IDR).
-    after = first.send(chunks[1].data, last=True)
+    after = first.send(chunks[1], last=True)
     assert after.parse.frames_decoded == 50 and after.parse.decode_errors == 0
 
 

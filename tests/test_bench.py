@@ -160,6 +160,11 @@ def test_perf_inputs_carry_the_clips_real_chunks_and_every_ensemble_input(perf_t
         assert step["CHUNK"]["shape"] == [len(chunk.data)]
         assert step["POLICY"] == ["codec"] and step["REFRESH"] == ["selective"]
         assert step["SOURCE_FPS"] == [12.5] and step["WINDOW_SECONDS"] == [8.0]
+        assert step["AU_BYTES"] == {"content": list(chunk.au_sizes),
+                                    "shape": [len(chunk.au_sizes)]}
+        assert step["AU_PTS"]["content"] == list(chunk.au_pts)
+    assert [s["CHUNK_SEQ"] for s in steps] == [[0], [1], [2]]
+    assert len({s["STREAM_TOKEN"][0] for s in steps}) == 1   # one owner for the stream
     from codecsight.protocol import ENSEMBLE_INPUTS
     assert set(steps[0]) == set(ENSEMBLE_INPUTS)
 

@@ -49,6 +49,18 @@ def test_chunks_cover_every_packet_of_the_stream(car_chunks):
 
 
 @needs_car
+def test_each_access_unit_carries_its_size_and_presentation_time(car_chunks):
+    for chunk in car_chunks:
+        units = chunk.access_units()
+        assert b"".join(au for au, _ in units) == chunk.data
+        assert [len(au) for au, _ in units] == list(chunk.au_sizes)
+        # Baseline H.264, no B-frames: decode order is display order, 12.5 fps
+        assert list(chunk.au_pts) == pytest.approx(
+            [chunk.start_s + i / 12.5 for i in range(chunk.packets)])
+        assert all(au.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")) for au, _ in units)
+
+
+@needs_car
 def test_chunks_span_the_stride(car_chunks):
     # 4 s at 12.5 fps = 50 frames; the last chunk holds the remaining 2.16 s
     assert [c.packets for c in car_chunks] == [50] * 7 + [27]

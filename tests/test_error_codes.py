@@ -39,7 +39,7 @@ def error_of(grpc, stream_id, chunk, start, end=False, **overrides) -> Inference
     stream = StreamClient(grpc, stream_id, settings(**overrides), reconnect_s=0)
     stream.started = not start
     with pytest.raises(InferenceServerException) as info:
-        stream._send(chunk, end)
+        stream.send_once(chunk, end)
     assert stream_id in info.value.message()   # the models name the stream
     return info.value
 

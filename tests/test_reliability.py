@@ -45,17 +45,18 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
                       extra_args=("--exit-timeout-secs=1",), **ports) as server:
         stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,
                               notice=notices.append)
-        before = [stream.send(c.data) for c in chunks[:2]]
+        before = [stream.send(c) for c in chunks[:2]]
         first_regions = server.shm_prefix + "*"
         assert list(Path("/dev/shm").glob(first_regions))   # the stub's shared memory
     # Shut down with the stream open, the stub leaves its regions behind: stop() removes them.
     assert not list(Path("/dev/shm").glob(first_regions))
     with TritonServer(repository, log_path=tmp_path / "second.log", **ports) as server:
         # A client that does not resume gets an error naming the stream and the fix.
+        naive = StreamClient(connect(server.grpc_url), sid, settings())
+        naive.started = True   # a continuation, with no resume or retry
         with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*START"):
-            StreamClient(connect(server.grpc_url), sid, settings())._send_continuation_raw(
-                chunks[2].data)
-        after = [stream.send(chunks[2].data), stream.send(chunks[3].data, last=True)]
+            naive.send_once(chunks[2])
+        after = [stream.send(chunks[2]), stream.send(chunks[3], last=True)]
     assert stream.resumes == 1
     resumed = [n for n in notices if "lost its state; resuming it with START" in n]
     assert resumed and "from its last keyframe" in resumed[0]

@@ -80,16 +80,17 @@ def test_concurrent_streams_answer_exactly_as_alone(server, solo):
 def test_end_frees_the_streams_state(grpc, solo):
     stream = StreamClient(grpc, unique("probe"), settings())
     chunks = iter_chunks(CLIP, 2.0)
-    opened = stream.send(next(chunks).data)
-    closed = stream.send(next(chunks).data, last=True)
+    opened = stream.send(next(chunks))
+    closed = stream.send(next(chunks), last=True)
     # Counted after each request: END took this stream out of both stateful models.
     assert closed.parse.active_streams == opened.parse.active_streams - 1
     assert closed.llm.active_streams == opened.llm.active_streams - 1
     # After END the sequence batcher itself refuses a continuation, naming stream and fix.
+    naive = StreamClient(grpc, stream.stream_id, settings())
+    naive.started = True   # a continuation, with no resume or retry
     with pytest.raises(InferenceServerException,
                        match=rf"sequence {stream.stream_id}.*must specify the START"):
-        StreamClient(grpc, stream.stream_id, settings())._send_continuation_raw(
-            next(chunks).data)
+        naive.send_once(next(chunks))
 
 
 def test_unknown_policy_is_refused_naming_the_stream_and_the_server_stays_up(grpc):
@@ -102,5 +103,7 @@ def test_unknown_policy_is_refused_naming_the_stream_and_the_server_stays_up(grp
 def test_a_chunk_without_start_for_an_unknown_stream_gets_a_clear_error(grpc):
     sid = unique("never-started")
     chunk = next(iter_chunks(CLIP, 2.0))
+    naive = StreamClient(grpc, sid, settings())
+    naive.started = True   # a continuation, with no resume or retry
     with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*must specify the START"):
-        StreamClient(grpc, sid, settings())._send_continuation_raw(chunk.data)
+        naive.send_once(chunk)

@@ -94,7 +94,7 @@ def test_a_stream_switches_policy_from_one_request_to_the_next(grpc, sparse_clip
     for i, (chunk, policy) in enumerate(zip(chunks, ["dense", "codec", "evs", "codec", "dense",
                                                       "codec"])):
         client.settings.policy = policy
-        window = client.send(chunk.data, last=i == len(chunks) - 1)
+        window = client.send(chunk, last=i == len(chunks) - 1)
         seen.append((window.parse.policy, window.parse.whole_frames, window.parse.kept_share))
     assert [p for p, _, _ in seen] == ["dense", "codec", "evs", "codec", "dense", "codec"]
     # The codec state kept up during the dense request: its first codec request prunes at
@@ -105,9 +105,9 @@ def test_a_stream_switches_policy_from_one_request_to_the_next(grpc, sparse_clip
 def test_policy_named_at_start_holds_for_requests_that_name_none(grpc, sparse_clip):
     client = StreamClient(grpc, unique("at-start"), settings(sparse_clip, policy="codec"))
     chunks = list(iter_chunks(sparse_clip, 4.0))
-    first = client.send(chunks[0].data)
+    first = client.send(chunks[0])
     client.settings.policy = ""
-    rest = [client.send(c.data, last=i == len(chunks) - 2) for i, c in enumerate(chunks[1:])]
+    rest = [client.send(c, last=i == len(chunks) - 2) for i, c in enumerate(chunks[1:])]
     assert first.parse.policy == "codec"
     assert [w.parse.policy for w in rest] == ["codec", "codec"]
     assert all(w.parse.policy_requested == "codec" for w in rest)

@@ -100,7 +100,7 @@ def test_soak_with_faults_and_a_restart(tmp_path):
                     stream.send(chunks[0], last=True)
                     count("bad policy ACCEPTED")
                 else:
-                    stream._send(b"", last=False)
+                    stream.send_once(b"", last=False)
                     count("empty chunk ACCEPTED")
             except InferenceServerException as e:
                 if unreachable(e):

@@ -159,7 +159,7 @@ def stream_video(client, video: str, settings, stride_s: float, stream_id: str,
 
     chunks = list(itertools.islice(iter_chunks(video, stride_s), max_chunks))
     stream = StreamClient(client, stream_id, settings)
-    return [_window(stream.send(c.data, last=i == len(chunks) - 1))
+    return [_window(stream.send(c, last=i == len(chunks) - 1))
             for i, c in enumerate(chunks)]
 
 

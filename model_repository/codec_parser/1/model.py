@@ -14,7 +14,8 @@ from codecsight.checkpoint import Geometry
 from codecsight.metrics import ModelMetrics
 from codecsight.parser import StreamParser
 from codecsight.policy import PruningConfig
-from codecsight.protocol import (ANALYSIS_FPS, CHUNK, CODEC, POLICY, SOURCE_FPS,
+from codecsight.protocol import (ANALYSIS_FPS, AU_BYTES, AU_PTS, CHUNK, CHUNK_SEQ, CODEC,
+                                 POLICY, ROTATION, SOURCE_FPS, STREAM_TOKEN, TIME_JUMP,
                                  WINDOW_SECONDS)
 from codecsight.requests import ParseRequest
 from codecsight.state import StreamStates
@@ -43,6 +44,12 @@ class TritonPythonModel:
             source_fps=backend.scalar(request, SOURCE_FPS, pb_utils),
             analysis_fps=backend.scalar(request, ANALYSIS_FPS, pb_utils),
             window_seconds=backend.scalar(request, WINDOW_SECONDS, pb_utils),
+            au_bytes=backend.array(request, AU_BYTES, pb_utils),
+            au_pts=backend.array(request, AU_PTS, pb_utils),
+            chunk_seq=int(backend.scalar(request, CHUNK_SEQ, pb_utils)),
+            stream_token=backend.string(request, STREAM_TOKEN, pb_utils),
+            rotation=int(backend.scalar(request, ROTATION, pb_utils)),
+            time_jump=backend.scalar(request, TIME_JUMP, pb_utils),
         ).validate(self.params["max_chunk_bytes"])
         seq = req.seq
         with backend.stream_state(self.streams, seq, lambda: self._new_parser(req)) as parser:
