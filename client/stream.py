@@ -6,9 +6,13 @@ every composing model keeps (and frees) that stream's state.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import os
 import secrets
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -37,6 +41,67 @@ def state_lost(error: InferenceServerException) -> bool:
 def unreachable(error: InferenceServerException) -> bool:
     """The server is down or restarting (not a refusal of this request)."""
     return "UNAVAILABLE" in str(error.status()) and "restricted" not in str(error)
+
+
+def _live_server_refused(client, error: InferenceServerException) -> bool:
+    """A live, ready server answered UNAVAILABLE itself: a refusal (the stream cap), not a
+    server that is down or restarting. Only asked after an UNAVAILABLE START."""
+    if "UNAVAILABLE" not in str(error.status()):
+        return False
+    try:
+        return bool(client.is_server_live() and client.is_model_ready(ENSEMBLE))
+    except Exception:  # unreachable: the error was the connection's, not the server's answer
+        return False
+
+
+class StreamRefused(RuntimeError):
+    """The server refused to open the stream (admission control: it holds its cap of
+    streams). Retrying at once would be refused again; the server's message says the cap."""
+
+
+def _deadline_exceeded(error: InferenceServerException) -> bool:
+    return "DEADLINE_EXCEEDED" in str(error.status()) or "Deadline Exceeded" in str(error)
+
+
+def default_token_file() -> Path:
+    """Where the client secret lives: $XDG_CONFIG_HOME/codecsight/client-secret, else
+    ~/.config/codecsight/client-secret."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "codecsight" / "client-secret"
+
+
+def client_secret(path: str | Path | None = None) -> bytes:
+    """This client's secret (32 random bytes), created on first use with mode 600.
+
+    Raises ValueError if the file exists but is empty or readable by others.
+    """
+    path = Path(path) if path else default_token_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two clients starting at once must not each write a different secret.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"client secret {path} is readable by other users: "
+                         f"chmod 600 {path}, or delete it to make a new one")
+    secret = path.read_bytes()
+    if not secret:
+        raise ValueError(f"client secret {path} is empty: delete it to make a new one")
+    return secret
+
+
+def stream_token(stream_id: str, token_file: str | Path | None = None) -> str:
+    """The stream's owner token: HMAC-SHA256(client secret, stream ID), hex.
+
+    The same on every run of this client (the secret file persists), so a client restarted
+    after a crash proves it owns its streams and takes them back at once; another client
+    (another secret) cannot write into or end them. Never print it.
+    """
+    return hmac.new(client_secret(token_file), stream_id.encode(), hashlib.sha256).hexdigest()
 
 
 def _stderr_notice(message: str) -> None:
@@ -135,7 +200,8 @@ class StreamClient:
         self.notice = notice
         self.resumes = 0
         self.started = False
-        # The stream's owner secret (STREAM_TOKEN): the server binds it at START.
+        # The stream's owner secret (STREAM_TOKEN): the server binds it at START. Random per
+        # object unless given; codecsight-client gives stream_token(), stable across runs.
         self.token = token or secrets.token_urlsafe(24)
         self.next_seq = 0          # CHUNK_SEQ of the next chunk
         # Access units sent since the last keyframe, (bytes, pts s), to resume from.
@@ -185,6 +251,16 @@ class StreamClient:
                 self.next_seq = seq + 1
                 return window
             except InferenceServerException as e:
+                if not self.started and _live_server_refused(self.client, e):
+                    self._refused(seq + 1)
+                    raise StreamRefused(
+                        f"stream {self.stream_id!r}: the server refused to open it: "
+                        f"{e.message()}; not retrying (close other streams, or raise the "
+                        "server's stream cap)") from e
+                if _deadline_exceeded(e):
+                    # The server may have applied it: this number now means these bytes.
+                    self.next_seq = seq + 1
+                    raise
                 if self.started and not resumed and state_lost(e):
                     # A fresh decoder can only begin at a keyframe: re-send the video since
                     # the last one ahead of this chunk, so the resumed window has frames.
@@ -193,7 +269,8 @@ class StreamClient:
                                 f"({sum(len(au) for au, _ in self._since_keyframe)} bytes "
                                 "re-sent)")
                     units = self._since_keyframe + units
-                    self.started, resumed = False, True
+                    # Other bytes than those sent under seq: a new number, never a reused one.
+                    self.started, resumed, seq = False, True, seq + 1
                     self.resumes += 1
                     continue
                 if not unreachable(e):
@@ -205,6 +282,19 @@ class StreamClient:
                             f"{delay:.1f} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _refused(self, seq: int) -> None:
+        """End the refused sequence at once: Triton's sequence batcher holds a slot for it
+        (it ran the START) until END or its idle timeout. The models may refuse the END of a
+        stream they never opened; the batcher frees the slot either way."""
+        try:
+            self.client.infer(
+                ENSEMBLE, self._inputs([], seq, 0.0),
+                outputs=[grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS],
+                request_id=self.stream_id, sequence_id=self.stream_id, sequence_start=False,
+                sequence_end=True, client_timeout=self.timeout_s)
+        except InferenceServerException:
+            pass
 
     def _send(self, units: list[tuple[bytes, float]], last: bool, chunk_seq: int,
               time_jump: float = 0.0) -> WindowResult:
@@ -243,9 +333,14 @@ class StreamClient:
             self._since_keyframe = []
 
 
-def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_window=None):
-    """Send every chunk of an iterable as one stream (END on the last); returns the windows."""
-    stream = StreamClient(client, stream_id, settings)
+def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_window=None, *,
+               token: str | None = None):
+    """Send every chunk of an iterable as one stream (END on the last); returns the windows.
+
+    token: the stream's owner token (default: a random one for this run).
+    Raises StreamRefused if the server refuses to open the stream.
+    """
+    stream = StreamClient(client, stream_id, settings, token=token)
     results, pending = [], None
     for chunk in chunks:
         if pending is not None:
