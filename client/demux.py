@@ -1,17 +1,28 @@
 """Client side: read a video source's compressed stream and cut it into Annex-B chunks.
 
-Nothing here decodes. MP4/MKV store H.264/HEVC packets length-prefixed (AVCC/HVCC) with the
+Nothing here decodes video for the server: chunks are the container's packets. (probe decodes
+one frame, only to read the display matrix: PyAV 18 exposes a stream's side data on decoded
+frames alone.) MP4/MKV store H.264/HEVC packets length-prefixed (AVCC/HVCC) with the
 parameter sets in the container header; the server's decoder reads a bare byte stream, so
 packets are rewritten to Annex-B with FFmpeg's `*_mp4toannexb` bitstream filters, which also
 put SPS/PPS (and VPS) in front of every keyframe. A chunk holds whole access units in decode
 order, covering about `stride_seconds` of presentation time.
+
+Stream time is the source's presentation time from its first packet, re-anchored at timestamp
+discontinuities (a camera reboot, concatenated recordings) so that it always increases; each
+chunk says how much time was removed before it (`Chunk.time_jump_s`, the wire's TIME_JUMP).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import math
+import struct
+import sys
+import time
 from fractions import Fraction
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 
@@ -23,6 +34,15 @@ START_CODE = b"\x00\x00\x00\x01"
 # Chunk boundaries are multiples of a float stride; timestamps exactly on one must count as
 # reaching it despite rounding (0.3 * 3 < 0.9 in floating point).
 _TIME_EPS_S = 1e-6
+# A presentation time this many strides away from where the stream should be next is a
+# timestamp discontinuity, not B-frame reordering (a few frames) or jitter.
+JUMP_STRIDES = 3
+# Packets decoded at most, at probe time, to read the display matrix from the first frame.
+_ROTATION_PROBE_PACKETS = 300
+
+
+def _stderr_notice(message: str) -> None:
+    print(f"codecsight-client: {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +54,8 @@ class SourceInfo:
     width: int
     height: int
     duration_s: float | None   # None for live sources
+    track: int = 0             # the container's stream index of the chosen video stream
+    rotation: int = 0          # degrees clockwise that turn frames upright (0/90/180/270)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +91,72 @@ def is_live(source: str) -> bool:
     return "://" in str(source) and not str(source).startswith("file://")
 
 
-def _open(source: str):
+def describe_streams(container) -> str:
+    """The container's streams as ffprobe numbers them: '#0 audio pcm_s16le, #1 video h264 ...'."""
+    parts = []
+    for st in container.streams:
+        text = f"#{st.index} {st.type} {st.codec_context.name if st.codec_context else '?'}"
+        if st.type == "video":
+            text += f" {st.codec_context.width}x{st.codec_context.height}"
+            flags = [d for d in ("default", "attached_pic", "timed_thumbnails", "still_image")
+                     if _has_disposition(st, d)]
+            text += f" ({', '.join(flags)})" if flags else ""
+        parts.append(text)
+    return ", ".join(parts) or "none"
+
+
+def _has_disposition(stream, name: str) -> bool:
+    return bool(stream.disposition & getattr(av.stream.Disposition, name))
+
+
+def _is_real_video(stream) -> bool:
+    """A camera's picture track, not a cover image or thumbnail track."""
+    return not any(_has_disposition(stream, d)
+                   for d in ("attached_pic", "timed_thumbnails", "still_image"))
+
+
+def select_video_stream(container, source: str, video_track: int | None = None,
+                        notice: Callable[[str], None] | None = None):
+    """The video stream to analyse: video_track (a stream index) if given, else the default
+    real video track, else the largest real one. Attached pictures and thumbnail tracks are
+    never chosen by default. notice() is told when there was a choice.
+
+    Raises ValueError naming the source and listing its streams when there is no usable one.
+    """
+    streams = describe_streams(container)
+    if video_track is not None:
+        chosen = [st for st in container.streams if st.index == video_track]
+        if not chosen or chosen[0].type != "video":
+            raise ValueError(f"{source}: stream #{video_track} is not a video stream "
+                             f"(streams: {streams}); choose another --video-track")
+        return chosen[0]
+    real = [st for st in container.streams.video if _is_real_video(st)]
+    if not real:
+        what = "no video stream" if not container.streams.video else \
+            "no video stream other than attached pictures or thumbnails"
+        raise ValueError(f"{source}: {what} found (streams: {streams}); give a video file or "
+                         "camera URL, or choose a stream with --video-track")
+    # Matroska marks every track default unless told otherwise, so "default" decides only
+    # when it tells the tracks apart; size decides among the rest.
+    default = [st for st in real if _has_disposition(st, "default")]
+    pool = default if default else real
+    chosen = max(pool, key=lambda st: st.codec_context.width * st.codec_context.height)
+    if len(real) > 1 and notice is not None:
+        notice(f"{source}: {len(real)} video streams ({streams}); analysing #{chosen.index} "
+               "(the default, else the largest); choose another with --video-track")
+    return chosen
+
+
+def _open(source: str, video_track: int | None = None,
+          notice: Callable[[str], None] | None = None):
     """Open a file or URL; RTSP over TCP (UDP loses packets behind NAT and on busy links)."""
     options = {"rtsp_transport": "tcp"} if str(source).startswith(("rtsp://", "rtsps://")) else {}
     container = av.open(str(source), options=options)
-    if not container.streams.video:
+    try:
+        return container, select_video_stream(container, source, video_track, notice)
+    except Exception:
         container.close()
-        raise ValueError(
-            f"{source}: no video stream found (streams: "
-            f"{[s.type for s in container.streams] or 'none'}); give a video file or camera URL")
-    return container, container.streams.video[0]
+        raise
 
 
 # Raw elementary-stream "containers": their demuxer assumes 25 fps whatever the stream says.
@@ -96,9 +174,15 @@ def _fps(stream) -> float:
     return float(rate)
 
 
-def probe(source: str) -> SourceInfo:
-    """Codec, frame rate, size and duration of the source's first video stream."""
-    container, stream = _open(source)
+def probe(source: str, video_track: int | None = None,
+          notice: Callable[[str], None] = _stderr_notice) -> SourceInfo:
+    """Codec, frame rate, size, duration and display rotation of the source's video stream.
+
+    The stream is chosen by select_video_stream (notice() is told when there was a choice).
+    Raises ValueError for a source without a usable video stream, or whose display matrix
+    is not a rotation by a multiple of 90 degrees.
+    """
+    container, stream = _open(source, video_track, notice)
     try:
         if stream.duration is not None:
             duration = float(stream.duration * stream.time_base)
@@ -107,19 +191,75 @@ def probe(source: str) -> SourceInfo:
         else:
             duration = None
         ctx = stream.codec_context
-        return SourceInfo(codec=ctx.name, fps=_fps(stream), width=ctx.width,
-                          height=ctx.height, duration_s=duration)
+        info = SourceInfo(codec=ctx.name, fps=_fps(stream), width=ctx.width,
+                          height=ctx.height, duration_s=duration, track=stream.index)
     finally:
         container.close()
+    return dataclasses.replace(info, rotation=display_rotation(source, info.track, notice))
 
 
-def iter_chunks(source: str, stride_seconds: float, loop: bool = False) -> Iterator[Chunk]:
+def display_rotation(source: str, video_track: int,
+                     notice: Callable[[str], None] = _stderr_notice) -> int:
+    """Degrees clockwise (0, 90, 180, 270) that turn the stream's frames upright.
+
+    Read from the display matrix (MP4/MOV tkhd, or the bitstream's display orientation SEI)
+    that FFmpeg attaches to decoded frames: PyAV 18 has no reader for a stream's side data,
+    so the first frame is decoded. A mirrored matrix is analysed unmirrored, with a
+    notice.
+    Raises ValueError for a rotation that is not a multiple of 90 degrees.
+    """
+    matrix = None
+    container = av.open(str(source), options={"rtsp_transport": "tcp"}
+                        if str(source).startswith(("rtsp://", "rtsps://")) else {})
+    try:
+        stream = container.streams[video_track]
+        for packet in itertools.islice(container.demux(stream), _ROTATION_PROBE_PACKETS):
+            frames = stream.decode(packet) if packet.size else []
+            if frames:
+                side = frames[0].side_data.get("DISPLAYMATRIX")
+                matrix = struct.unpack("<9i", bytes(side)[:36]) if side is not None else ()
+                break
+    except av.error.FFmpegError:
+        matrix = None
+    finally:
+        container.close()
+    if matrix is None:
+        notice(f"{source}: no frame decoded in its first {_ROTATION_PROBE_PACKETS} packets; "
+               "display rotation unknown, frames are analysed as stored")
+        return 0
+    if not matrix:
+        return 0
+    a, b, _, c, d = (v / 65536 for v in matrix[:5])
+    mirrored = a * d - b * c < 0
+    if mirrored:   # factor out a horizontal mirror: what remains is a pure rotation
+        a, c = -a, -c
+    # av_display_rotation_get: the matrix turns the frame counterclockwise by atan2(-b, a);
+    # turning it upright is that many degrees clockwise (FFmpeg's autorotate does the same).
+    ccw = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))
+    clockwise = (-ccw) % 360
+    quarter = round(clockwise / 90) % 4 * 90
+    if abs((clockwise - quarter + 180) % 360 - 180) > 1:
+        raise ValueError(f"{source}: its display matrix rotates frames by {clockwise:.1f} "
+                         "degrees, not a multiple of 90; CodecSight turns frames upright by "
+                         "quarter turns only: re-encode the video upright")
+    if mirrored:
+        notice(f"{source}: its display matrix mirrors the frames; CodecSight turns them "
+               f"upright ({quarter} degrees clockwise) but analyses them unmirrored")
+    return quarter
+
+
+def iter_chunks(source: str, stride_seconds: float, loop: bool = False, *,
+                video_track: int | None = None,
+                notice: Callable[[str], None] = _stderr_notice) -> Iterator[Chunk]:
     """Yield Annex-B chunks of about `stride_seconds` each, as the source is read.
 
     A new chunk starts at the first packet (in decode order) whose presentation time reaches
     the next multiple of `stride_seconds`; packets are never split, and B-frames that follow
     that packet in decode order stay with it even though they are shown earlier.
+    A timestamp discontinuity (see _Timeline) also starts a new chunk, which carries the jump
+    in time_jump_s; notice() gets one line about it.
     loop=True replays a file forever with times continuing to increase (ignored for live URLs).
+    video_track: the container's stream index to read (default: select_video_stream's choice).
     """
     if not stride_seconds > 0:
         raise ValueError(f"stride_seconds must be > 0, got {stride_seconds}")
@@ -129,27 +269,31 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False) -> Itera
     parts: list[bytes] = []
     times: list[tuple[float, float]] = []   # (pts_s, end_s) per packet of the pending chunk
     first_keyframe = False
+    pending_jump = 0.0   # removed before the pending chunk
 
     def flush() -> Chunk:
-        nonlocal parts, times, index
+        nonlocal parts, times, index, pending_jump
         chunk = Chunk(data=b"".join(parts), start_s=min(t for t, _ in times),
                       end_s=max(e for _, e in times), index=index,
                       starts_with_keyframe=first_keyframe,
                       au_sizes=tuple(len(p) for p in parts),
-                      au_pts=tuple(t for t, _ in times))
-        parts, times, index = [], [], index + 1
+                      au_pts=tuple(t for t, _ in times), time_jump_s=pending_jump)
+        parts, times, index, pending_jump = [], [], index + 1, 0.0
         return chunk
 
     while True:
         end_of_pass = offset_s
-        for data, pts_s, end_s, keyframe in _annexb_packets(source):
-            pts_s, end_s = pts_s + offset_s, end_s + offset_s
-            if times and pts_s >= boundary * stride_seconds - _TIME_EPS_S:
+        packets = _annexb_packets(source, video_track=video_track,
+                                  jump_threshold_s=JUMP_STRIDES * stride_seconds,
+                                  notice=notice, start_s=offset_s)
+        for data, pts_s, end_s, jump_s, keyframe in packets:
+            if times and (jump_s or pts_s >= boundary * stride_seconds - _TIME_EPS_S):
                 yield flush()
             while pts_s >= boundary * stride_seconds - _TIME_EPS_S:
                 boundary += 1
             if not times:
                 first_keyframe = keyframe
+            pending_jump += jump_s
             parts.append(data)
             times.append((pts_s, end_s))
             end_of_pass = max(end_of_pass, end_s)
@@ -160,9 +304,62 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False) -> Itera
         yield flush()
 
 
-def _annexb_packets(source: str) -> Iterator[tuple[bytes, float, float, bool]]:
-    """(Annex-B bytes, pts s, end s, keyframe) per packet of the first video stream."""
-    container, stream = _open(source)
+class _Timeline:
+    """Stream time from a source's timestamps, re-anchored at discontinuities.
+
+    A packet whose presentation time lands more than threshold_s before where the stream
+    should be next (the latest end time so far) is a discontinuity: no container goes back
+    in time legitimately. One that lands more than threshold_s after it is a discontinuity
+    only where the timestamps are not a continuous clock: formats FFmpeg marks as allowing
+    discontinuities (MPEG-TS, HLS), or a live source that delivered it sooner than the
+    jump's length of wall-clock time. In MP4/MKV a forward gap is real (variable frame rate,
+    a camera that records on motion) and kept: a gap in the video is a gap in the window.
+    At a discontinuity the packet is placed right where the stream should be next, so that
+    stream time keeps increasing; the removed jump (positive forward) is returned.
+    """
+
+    def __init__(self, source: str, container, threshold_s: float, notice, start_s: float):
+        self.source, self.threshold_s, self.notice = source, threshold_s, notice
+        self.live = is_live(source)
+        self.forward_jumps = self.live or bool(
+            container.format.flags & av.format.Flags.ts_discont.value)
+        self.shift = Fraction(0)   # subtracted from source times (sum of jumps so far)
+        self.start_s = start_s     # where this pass of the source starts in stream time
+        self.expected: Fraction | None = None   # latest end so far (s from the origin,
+        #                                         re-anchored): where the next packet belongs
+        self.wall: float | None = None       # monotonic clock at the latest packet
+
+    def place(self, pts: Fraction, duration: Fraction) -> tuple[float, float, float]:
+        """(stream pts s, stream end s, removed jump s) of a packet at source time pts (s
+        from the origin) lasting duration s. Exact fractions until the last step, so times
+        on a stride multiple stay on it."""
+        now = time.monotonic()
+        jump = Fraction(0)
+        if self.expected is not None:
+            gap = pts - self.shift - self.expected
+            waited = now - self.wall
+            if gap < -self.threshold_s or (gap > self.threshold_s and self.forward_jumps and
+                                           (not self.live or waited < gap - self.threshold_s)):
+                jump, self.shift = gap, self.shift + gap
+                self.notice(f"{self.source}: timestamps jumped {'back' if gap < 0 else 'ahead'}"
+                            f" {abs(float(gap)):.3f} s at stream time "
+                            f"{self.start_s + float(pts - self.shift):.3f} s (a camera restart "
+                            "or a splice); stream time re-anchored to keep increasing")
+        start, end = pts - self.shift, pts - self.shift + duration
+        self.expected = max(self.expected, end) if self.expected is not None else end
+        self.wall = now
+        return self.start_s + float(start), self.start_s + float(end), float(jump)
+
+
+def _annexb_packets(source: str, *, video_track: int | None = None,
+                    jump_threshold_s: float = math.inf, notice=_stderr_notice,
+                    start_s: float = 0.0) -> Iterator[tuple[bytes, float, float, float, bool]]:
+    """(Annex-B bytes, pts s, end s, removed jump s, keyframe) per packet of the video stream.
+
+    Times are stream seconds: from the first packet, plus start_s, re-anchored by _Timeline
+    (threshold jump_threshold_s).
+    """
+    container, stream = _open(source, video_track)
     try:
         codec = stream.codec_context.name
         bsf = av.BitStreamFilterContext(ANNEXB_FILTERS[codec], stream) \
@@ -175,26 +372,43 @@ def _annexb_packets(source: str) -> Iterator[tuple[bytes, float, float, bool]]:
         time_base = stream.time_base
         origin = stream.start_time
         frame_duration = Fraction(1) / Fraction(_fps(stream)).limit_denominator(1001)
+        # The raw demuxers time packets at an assumed 25 fps until their parser meets an SPS
+        # (a stream joined mid-GOP); the SPS timing probing found is the stream's own.
+        raw = stream.container.format.name in RAW_FORMATS
+        timeline = _Timeline(source, container, jump_threshold_s, notice, start_s)
+        recent: collections.deque = collections.deque(maxlen=16)   # recent source pts
         clock = Fraction(0)   # for packets without timestamps (raw streams): sum of durations
         for packet in container.demux(stream):
             if packet.size == 0:   # the demuxer's end-of-stream marker
                 continue
-            duration = packet.duration * time_base if packet.duration else frame_duration
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
                 if origin is None:
                     origin = ts
                 pts = (ts - origin) * time_base
+                recent.append(pts)
             else:
                 pts = clock
+            if packet.duration and not raw:
+                duration = packet.duration * time_base
+            else:
+                duration = _frame_interval(recent) or frame_duration
             clock = pts + duration
             keyframe = packet.is_keyframe
             data = b"".join(bytes(p) for p in bsf.filter(packet)) if bsf else bytes(packet)
             if in_band and keyframe and not _has_parameter_sets(data, codec):
                 data = in_band + data
-            yield data, float(pts), float(pts + duration), keyframe
+            yield (data, *timeline.place(Fraction(pts), Fraction(duration)), keyframe)
     finally:
         container.close()
+
+
+def _frame_interval(recent) -> Fraction | None:
+    """The frame interval the latest timestamps show (Matroska stores no packet durations):
+    the median step between recent presentation times, sorted (B-frames arrive out of
+    order), or None before there are two."""
+    steps = sorted(b - a for a, b in zip(sorted(recent), sorted(recent)[1:]) if b > a)
+    return steps[len(steps) // 2] if steps else None
 
 
 # The NAL unit type of the first unit of a keyframe's access unit as h264_mp4toannexb
