@@ -14,7 +14,8 @@ import threading
 import numpy as np
 
 from codecsight_client import settings as defaults
-from codecsight_client.stream import StreamSettings, connect, run_stream
+from codecsight_client.stream import (StreamRefused, StreamSettings, connect, run_stream,
+                                      stream_token)
 from codecsight import protocol as P
 from codecsight_client.demux import iter_chunks, probe
 
@@ -36,6 +37,19 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay the source as N concurrent streams with distinct IDs "
                         "(default: %(default)s)")
     parser.add_argument("--json", metavar="OUT", help="write every window's record as JSON")
+    parser.add_argument("--video-track", type=int, default=None, metavar="N",
+                        help="the container's stream index to analyse (default: the default "
+                        "video track, else the largest; cover images and thumbnails never)")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="this client's secret, created at random (mode 600) on first "
+                        "use; each stream's owner token is derived from it, so a restarted "
+                        "client takes its streams back (default: "
+                        "$XDG_CONFIG_HOME/codecsight/client-secret or "
+                        "~/.config/codecsight/client-secret)")
+
+
+class StreamsFailed(RuntimeError):
+    """Some streams of a run stopped with an error (each already reported on stderr)."""
 
 
 def stream_ids(base: str, count: int) -> list[str]:
@@ -52,13 +66,16 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
     if bad:
         raise ValueError(f"invalid stream ID {bad[0]!r}: use 1-128 letters, digits or ._:- "
                          "starting with a letter or digit")
-    info = probe(source)
+    info = probe(source, getattr(args, "video_track", None))
     settings = StreamSettings(
         question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
-        window_seconds=args.window_seconds, policy=args.policy, refresh=args.refresh)
+        window_seconds=args.window_seconds, policy=args.policy, refresh=args.refresh,
+        rotation=info.rotation)
+    tokens = {sid: stream_token(sid, getattr(args, "token_file", None)) for sid in ids}
     stride = defaults.stride_seconds(args.window_seconds, args.stride_seconds)
     lock = threading.Lock()
-    print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps; "
+    rotated = f", shown rotated {info.rotation} degrees" if info.rotation else ""
+    print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps{rotated}; "
           f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "
           f"analysis {args.fps:g} fps, window {args.window_seconds:g} s, stride {stride:g} s",
           file=out, flush=True)
@@ -74,11 +91,24 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
                   f"{window.latency_s * 1000:7.1f} ms  answer: {window.answer!r}",
                   file=out, flush=True)
 
+    def run(sid):
+        def notice(message):   # timestamp discontinuities, named by the stream they hit
+            print(f"codecsight-client: stream {sid!r}: {message}", file=sys.stderr, flush=True)
+        chunks = iter_chunks(source, stride, video_track=info.track, notice=notice)
+        try:
+            return run_stream(client, sid, settings, chunks, show, token=tokens[sid])
+        except StreamRefused as e:
+            # Stop this stream only; the others carry on.
+            print(f"codecsight-client: {e}", file=sys.stderr, flush=True)
+            return e
+
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
-        futures = [pool.submit(run_stream, client, sid, settings,
-                               iter_chunks(source, stride), show) for sid in ids]
-        results = [f.result() for f in futures]
+        outcomes = list(pool.map(run, ids))
+    results = [r for r in outcomes if not isinstance(r, Exception)]
     summarize(results, info, out)
+    failed = [r for r in outcomes if isinstance(r, Exception)]
+    if failed:
+        raise StreamsFailed(f"{len(failed)} of {len(ids)} stream(s) refused by the server")
     return results
 
 
