@@ -313,3 +313,24 @@ def test_an_unreachable_server_is_retried_not_refused(clip_chunks):
     stream = StreamClient(client, "cam-1", StreamSettings(), notice=lambda m: None)
     stream.send(clip_chunks[0])
     assert [s[:3] for s in client.sent] == [(True, False, 0), (True, False, 0)]
+
+
+# -- against a real server ----------------------------------------------------------------
+
+def test_the_client_answers_every_window_across_a_camera_restart(server, tmp_path, capsys):
+    from codecsight_client.cli import main
+
+    source = spliced_ts(tmp_path, 0.0)   # PTS goes back 6 s half way
+    out = tmp_path / "windows.json"
+    code = main([str(source), "--url", server.grpc_url, "--stream-id", "cam-splice",
+                 "--window-seconds", "2", "--stride-seconds", "1", "--policy", "dense",
+                 "--token-file", str(tmp_path / "secret"), "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    windows = json.loads(out.read_text())
+    assert len(windows) == 12 and all(w["answer"] for w in windows)
+    # one notice, naming the stream and the jump; the owner token never shown
+    jumps = [line for line in captured.err.splitlines() if "jumped" in line]
+    assert len(jumps) == 1 and "'cam-splice'" in jumps[0] and "6.000 s" in jumps[0]
+    token = stream_token("cam-splice", tmp_path / "secret")
+    assert token not in captured.out + captured.err
