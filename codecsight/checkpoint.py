@@ -50,6 +50,8 @@ class Geometry:
     vision_hidden: int         # width of a merged visual token (= LLM hidden size)
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    min_pixels: int | None = None  # preprocessor_config.json's, where given: the smallest
+                                   # picture Qwen's smart_resize scales to (codec.picture_for)
 
     @property
     def group_pixels(self) -> int:
@@ -85,6 +87,7 @@ class Geometry:
             vision_hidden=int(vision["hidden_size"]),
             image_mean=tuple(pre.get("image_mean", CLIP_MEAN)),
             image_std=tuple(pre.get("image_std", CLIP_STD)),
+            min_pixels=int(pre["min_pixels"]) if "min_pixels" in pre else None,
         )
 
 

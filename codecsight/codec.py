@@ -4,8 +4,11 @@
 decoded frames in display order with their frame type and motion vectors, and never raises
 on damaged input (a camera stream with a bad packet must keep going). Frames stay lazy
 `av.VideoFrame`s: converting to pixels is the expensive part, and only sampled frames pay it.
-`FrameSampler` picks the frames analysed at the analysis rate; `frame_to_rgb` turns one into
-pixels padded to whole merge groups, `frame_to_luma` copies its Y plane (no colour conversion).
+Each frame carries its presentation time (the access unit's AU_PTS) through the decoder's
+reordering. `FrameSampler` picks the frames analysed at the analysis rate, by time.
+`Picture` says how a decoded frame becomes the picture the ViT sees (turned upright, scaled
+to the pixel budget); `frame_to_rgb` turns a frame into those pixels padded to whole merge
+groups, `frame_to_luma` gives its Y plane the same way (a plane copy when nothing changes).
 `macroblock_signals` reads what the codec says about each 16x16 macroblock of a frame
 (motion after global-motion compensation, intra coding): the input of codec-guided pruning.
 """
@@ -23,6 +26,12 @@ PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}  # AVPi
 MACROBLOCK = 16  # H.264 macroblock side in pixels: the grid of the codec's motion signals
 # FFmpeg's AVDiscard names accepted for skip_loop_filter ("noref": non-reference frames only).
 LOOP_FILTER_SKIPS = ("none", "noref", "bidir", "nointra", "nokey", "all")
+ROTATIONS = (0, 90, 180, 270)  # degrees clockwise that turn a camera's frames upright
+PTS_UNITS = 1_000_000  # packet timestamps in microseconds: AU_PTS seconds, exactly enough
+# H.264 NAL unit types: coded slices (1-5), sequence / picture parameter sets.
+_H264_SLICES, _H264_SPS = range(1, 6), 7
+WAITING_FOR_PARAMETER_SETS = ("waiting for SPS/PPS/IDR: the raw H.264 stream was joined "
+                              "mid-GOP, frames start at its next keyframe")
 
 
 class UnknownCodec(ValueError):
@@ -42,6 +51,8 @@ class DecodedFrame:
     motion_vectors: np.ndarray | None       # FFmpeg AVMotionVector records [N]; None if the
                                             # frame has none (I-frames, or export off)
     corrupt: bool = False                   # decoded with errors concealed (damaged input)
+    pts: float | None = None                # presentation time, stream seconds, from the
+                                            # access unit's AU_PTS; None if it had none
 
     @property
     def width(self) -> int:
@@ -96,23 +107,67 @@ class StreamDecoder:
         self.corrupt_frames = 0      # of those, frames returned with errors concealed
         self.last_error: str | None = None
         self._draining = False
+        self._parameter_sets = False      # an SPS was seen (H.264)
+        self._slices_without_sps = False  # slices arrived before any SPS: joined mid-GOP
 
-    def feed(self, data, complete: bool = True) -> list[DecodedFrame]:
+    def feed(self, data, complete: bool = True, au_bytes: Sequence[int] | None = None,
+             au_pts: Sequence[float] | None = None) -> list[DecodedFrame]:
         """Decode the access units in `data`; returns the frames now ready, display order.
 
         data: bytes-like (bytes, memoryview, uint8 numpy array as Triton hands it over).
+        au_bytes, au_pts: the wire's AU_BYTES / AU_PTS, bytes and presentation time (stream
+        seconds) of each access unit of data in decode order; the time rides on the access
+        unit's packet through the decoder's reordering to its frame (DecodedFrame.pts). None:
+        data is one unit without a time. A unit the parser splits into several packets (a
+        blob of many access units) gives its time to the first of them only.
         """
         if self._draining:
             raise RuntimeError("StreamDecoder was flushed: make a new one for a new stream")
         data = memoryview(data).cast("B")
-        # an empty input would flush the parser mid-access-unit: there is nothing to parse
-        packets = self._parse(data) if len(data) else []
-        if complete:
-            packets += self._parse(None)
+        if au_bytes is None:
+            units = [(data, None)]
+        else:
+            if au_pts is None or len(au_pts) != len(au_bytes) or sum(au_bytes) != len(data):
+                raise ValueError(f"au_bytes ({len(au_bytes)} sizes, {sum(au_bytes)} bytes) and "
+                                 f"au_pts must describe the {len(data)}-byte data")
+            ends = np.cumsum(np.asarray(au_bytes, np.int64)).tolist()
+            units = [(data[a:b], t) for a, b, t in zip([0] + ends[:-1], ends, au_pts)]
         frames = []
-        for packet in packets:
-            frames += self._decode(packet)
+        for k, (unit, pts) in enumerate(units):
+            if self.codec == "h264" and not self._parameter_sets:
+                self._scan_parameter_sets(unit)
+            # an empty input would flush the parser mid-access-unit: there is nothing to parse
+            packets = self._parse(unit) if len(unit) else []
+            # With boundaries known every unit is complete: flush the parser after each, so
+            # its packet (and time) is decoded now rather than at the next start code.
+            if au_bytes is not None or (complete and k == len(units) - 1):
+                packets += self._parse(None)
+            for i, packet in enumerate(packets):
+                if pts is not None and i == 0:
+                    packet.pts = round(float(pts) * PTS_UNITS)
+                frames += self._decode(packet)
         return frames
+
+    def _scan_parameter_sets(self, data: memoryview) -> None:
+        """Note whether H.264 data holds an SPS, or slices (to name the wait for one)."""
+        for nal_type in h264_nal_types(bytes(data)):
+            if nal_type == _H264_SPS:
+                self._parameter_sets = True
+                return
+            if nal_type in _H264_SLICES:
+                self._slices_without_sps = True
+
+    @property
+    def waiting(self) -> str | None:
+        """Why no frame has come out yet, if none has: None once one has."""
+        if self.frames_decoded:
+            return None
+        if self.codec == "h264" and not self._parameter_sets and self._slices_without_sps:
+            return WAITING_FOR_PARAMETER_SETS
+        if self.codec == "h264" and self._parameter_sets:
+            return ("waiting for a keyframe: joined mid-GOP (or an intra-refresh stream "
+                    "before its recovery point)")
+        return None
 
     def flush(self) -> list[DecodedFrame]:
         """End of stream: decode what the parser buffered and drain the reorder buffer."""
@@ -135,6 +190,10 @@ class StreamDecoder:
         try:
             frames = self._ctx.decode(packet)
         except av.error.FFmpegError as e:
+            if self.waiting == WAITING_FOR_PARAMETER_SETS:
+                # Slices before any SPS are not damage: FFmpeg's "Invalid data" would only
+                # hide that the stream must reach a keyframe first (DecodedFrame-less wait).
+                return []
             # A damaged packet: drop it; the decoder conceals or resyncs at the next slice.
             self._record(e)
             return []
@@ -149,6 +208,7 @@ class StreamDecoder:
             frame=frame,
             motion_vectors=side_data.to_ndarray() if side_data is not None else None,
             corrupt=bool(frame.is_corrupt),
+            pts=None if frame.pts is None else frame.pts / PTS_UNITS,
         )
         self.frames_decoded += 1
         if decoded.corrupt:
@@ -164,26 +224,58 @@ class StreamDecoder:
         self.last_error = message[:200]
 
 
-class FrameSampler:
-    """Which frames of a `source_fps` stream are analysed at `analysis_fps`.
+def h264_nal_types(data: bytes):
+    """H.264 NAL unit types of Annex-B data, in order (1-5 slices, 5 IDR, 7 SPS, 8 PPS)."""
+    pos = data.find(b"\x00\x00\x01")
+    while pos != -1 and pos + 3 < len(data):
+        yield data[pos + 3] & 0x1F
+        pos = data.find(b"\x00\x00\x01", pos + 3)
 
-    Frame 0 and then the first frame at or after each multiple of 1/analysis_fps seconds
-    (frame i is shown at i/source_fps): frame i is sampled iff
-    floor(i * analysis_fps / source_fps) > floor((i - 1) * analysis_fps / source_fps).
-    Exact rational arithmetic, so 12.5 -> 2 fps gives 0, 7, 13, 19, 25, 32, ... forever.
+
+class FrameSampler:
+    """Which frames of a stream are analysed at `analysis_fps`, by presentation time.
+
+    Time is cut into slots of 1/analysis_fps seconds; a frame is sampled when it is the first
+    to reach a slot after the last sampled one: slot(time) = floor(time * analysis_fps) >
+    the last sampled slot (so the first frame after a gap is sampled, and a burst of frames
+    inside one slot gives one). The slot is the frame's temporal index t: a gap in the video
+    stays a gap in t. Exact rational arithmetic on times given in whole microseconds (the
+    wire's AU_PTS, or index / source_fps), so a constant 12.5 fps stream sampled at 2 fps
+    gives frames 0, 7, 13, 19, 25, 32, ... forever.
     """
 
     def __init__(self, source_fps: float, analysis_fps: float):
         self.source_fps = _positive_rate("source_fps", source_fps)
         self.analysis_fps = _positive_rate("analysis_fps", analysis_fps)
-        ratio = self.analysis_fps / self.source_fps
-        self._num, self._den = ratio.numerator, ratio.denominator
+        self.last_slot: int | None = None   # slot of the last sampled frame (sample())
+
+    def slot(self, time_s: Fraction | float) -> int:
+        """floor(time * analysis_fps); time in seconds, rounded to whole microseconds first
+        (half a microsecond of tolerance, so an exact multiple never falls a slot short)."""
+        micros = Fraction(time_s) if isinstance(time_s, (int, Fraction)) else \
+            Fraction(round(float(time_s) * PTS_UNITS), PTS_UNITS)
+        return math.floor((micros + Fraction(1, 2 * PTS_UNITS)) * self.analysis_fps)
+
+    def sample(self, time_s: Fraction | float) -> int | None:
+        """The slot t of a frame shown at time_s if it is sampled, else None; frames in
+        display order (a time before the last sampled slot is not sampled)."""
+        slot = self.slot(time_s)
+        if self.last_slot is not None and slot <= self.last_slot:
+            return None
+        self.last_slot = slot
+        return slot
+
+    def frame_time(self, index: int) -> Fraction:
+        """index / source_fps: the time of frame `index` of a constant-rate stream, s."""
+        return index / self.source_fps
 
     def is_sampled(self, index: int) -> bool:
-        """True if display-order frame `index` (0-based) is analysed."""
+        """True if display-order frame `index` (0-based) of a constant-rate stream is
+        analysed (stateless: the same rule as `sample` on index / source_fps)."""
         if index < 0:
             raise ValueError(f"frame index must be >= 0, got {index}")
-        return (index * self._num) // self._den > ((index - 1) * self._num) // self._den
+        return index == 0 or self.slot(self.frame_time(index)) > self.slot(
+            self.frame_time(index - 1))
 
 
 def _positive_rate(name: str, value) -> Fraction:
@@ -206,12 +298,157 @@ def padded_size(width: int, height: int, group_pixels: int) -> tuple[int, int]:
     return -(-width // group_pixels) * group_pixels, -(-height // group_pixels) * group_pixels
 
 
-def frame_to_rgb(frame: av.VideoFrame, group_pixels: int) -> np.ndarray:
+class PictureTooLarge(ValueError):
+    """A frame that no size within the pixel budget can hold (e.g. an extreme aspect ratio)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One axis of the upright picture, as the source frame's macroblocks cover it."""
+
+    macroblocks: int     # macroblocks along it
+    source_pixels: int   # decoded frame's pixels along it
+    scaled_pixels: int   # the picture's pixels along it (before padding)
+    offset: int          # where macroblock 0 starts, source px: 0, or <= 0 when the rotation
+                         # reverses the axis (the partial last macroblock comes first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+    """How a decoded frame becomes the picture the ViT sees: turned upright by `rotation`
+    (degrees clockwise), then scaled to width x height (swscale), then zero-padded to whole
+    merge groups. A frame within the pixel budget keeps its size exactly (`picture_for`)."""
+
+    source_width: int
+    source_height: int
+    rotation: int        # ROTATIONS
+    width: int           # upright, scaled; multiples of group_pixels when scaled
+    height: int
+    group_pixels: int
+
+    @property
+    def k(self) -> int:
+        """np.rot90's k (counter-clockwise quarter turns) for a clockwise rotation."""
+        return -self.rotation // 90
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) turned upright, before scaling."""
+        if self.rotation in (90, 270):
+            return self.source_height, self.source_width
+        return self.source_width, self.source_height
+
+    @property
+    def scaled(self) -> bool:
+        return (self.width, self.height) != self.upright_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(grid_h, grid_w): merge groups of the padded picture."""
+        width, height = padded_size(self.width, self.height, self.group_pixels)
+        return height // self.group_pixels, width // self.group_pixels
+
+    def _scaled_source(self, frame: av.VideoFrame, fmt: str) -> np.ndarray:
+        """The frame at the picture's scale, still in the source orientation: [h, w(, 3)]."""
+        width, height = (self.height, self.width) if self.rotation in (90, 270) \
+            else (self.width, self.height)
+        # Bicubic, as Qwen's image processors resize.
+        return frame.reformat(width=width, height=height, format=fmt,
+                              interpolation="BICUBIC").to_ndarray()
+
+    def _finish(self, pixels: np.ndarray) -> np.ndarray:
+        """Turn upright and zero-pad bottom/right to whole merge groups."""
+        if self.k % 4:
+            pixels = np.rot90(pixels, self.k)
+        height, width = pixels.shape[:2]
+        padded_width, padded_height = padded_size(width, height, self.group_pixels)
+        if (padded_width, padded_height) == (width, height):
+            return np.ascontiguousarray(pixels)
+        out = np.zeros((padded_height, padded_width) + pixels.shape[2:], np.uint8)
+        out[:height, :width] = pixels
+        return out
+
+    def rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        """uint8 [Hp, Wp, 3] RGB of the picture, padded to whole merge groups."""
+        rgb = self._scaled_source(frame, "rgb24") if self.scaled \
+            else frame.to_ndarray(format="rgb24")
+        return self._finish(rgb)
+
+    def luma(self, frame: av.VideoFrame) -> np.ndarray:
+        """uint8 [Hp, Wp] Y plane of the picture, padded like rgb (a plane copy unscaled)."""
+        if self.scaled:
+            return self._finish(self._scaled_source(frame, "gray"))
+        if self.k % 4 == 0:
+            return frame_to_luma(frame, self.group_pixels)
+        return self._finish(frame_to_luma(frame, 1))
+
+    def upright_macroblocks(self, flags: np.ndarray) -> np.ndarray:
+        """A source frame's macroblock grid [..., mb_h, mb_w] turned upright (a view)."""
+        return np.rot90(flags, self.k, axes=(-2, -1)) if self.k % 4 else flags
+
+    def axes(self) -> tuple[Axis, Axis]:
+        """(rows, columns) of the upright macroblock grid against the picture."""
+        mb_h, mb_w = macroblock_grid(self.source_width, self.source_height)
+        vertical = (mb_h, self.source_height)     # source rows
+        horizontal = (mb_w, self.source_width)    # source columns
+        # (source axis, reversed) that becomes the upright rows / columns
+        rows, cols = {0: ((vertical, False), (horizontal, False)),
+                      90: ((horizontal, False), (vertical, True)),
+                      180: ((vertical, True), (horizontal, True)),
+                      270: ((horizontal, True), (vertical, False))}[self.rotation]
+
+        def axis(source, reverse, scaled):
+            cells, length = source
+            return Axis(cells, length, scaled, length - cells * MACROBLOCK if reverse else 0)
+
+        return axis(*rows, self.height), axis(*cols, self.width)
+
+
+def picture_for(width: int, height: int, group_pixels: int, rotation: int = 0,
+                max_pixels: int | None = None, min_pixels: int | None = None) -> Picture:
+    """The picture a width x height frame becomes: Qwen's resolution rule.
+
+    Turned upright by rotation (degrees clockwise, ROTATIONS). If the upright frame padded
+    to whole merge groups has at most max_pixels pixels (None: no budget) it keeps its size
+    exactly; otherwise it is scaled to transformers' Qwen2-VL `smart_resize` (factor =
+    group_pixels, min_pixels and max_pixels: sides multiples of the group, area within the
+    budget, aspect ratio kept as nearly as possible). Raises PictureTooLarge when no such
+    size exists (smart_resize refuses an aspect ratio over 200, or its size is still over
+    the budget), ValueError for a rotation not in ROTATIONS.
+    """
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {', '.join(map(str, ROTATIONS))} degrees "
+                         f"clockwise, got {rotation}")
+    up_w, up_h = (height, width) if rotation in (90, 270) else (width, height)
+    padded_w, padded_h = padded_size(up_w, up_h, group_pixels)
+    if max_pixels is None or padded_w * padded_h <= max_pixels:
+        return Picture(width, height, rotation, up_w, up_h, group_pixels)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    minimum = {} if min_pixels is None else {"min_pixels": min_pixels}
+    try:
+        new_h, new_w = smart_resize(up_h, up_w, factor=group_pixels, max_pixels=max_pixels,
+                                    **minimum)
+    except ValueError as e:
+        raise PictureTooLarge(f"a {width}x{height} frame cannot be scaled within "
+                              f"max_pixels={max_pixels}: {e}") from None
+    if new_w * new_h > max_pixels:
+        raise PictureTooLarge(f"a {width}x{height} frame cannot be scaled within "
+                              f"max_pixels={max_pixels}: its smallest {group_pixels}-pixel "
+                              f"sides give {new_w}x{new_h}; send a less elongated picture")
+    return Picture(width, height, rotation, new_w, new_h, group_pixels)
+
+
+def frame_to_rgb(frame: av.VideoFrame, group_pixels: int,
+                 picture: Picture | None = None) -> np.ndarray:
     """Pixels of a decoded frame, uint8 [Hp, Wp, 3] RGB, zero-padded bottom/right.
 
     Hp, Wp are height, width rounded up to multiples of group_pixels (the checkpoint's
-    `Geometry.group_pixels`), so the frame splits into whole merge groups.
+    `Geometry.group_pixels`), so the frame splits into whole merge groups. picture: turn
+    and scale it first (`Picture.rgb`); None keeps the frame as decoded.
     """
+    if picture is not None:
+        return picture.rgb(frame)
     rgb = frame.to_ndarray(format="rgb24")
     height, width = rgb.shape[:2]
     padded_width, padded_height = padded_size(width, height, group_pixels)

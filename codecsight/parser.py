@@ -8,6 +8,13 @@ Only sampled frames that keep at least one merge group are converted to pixels, 
 more at every share measured, 0.25 ms at 12% kept: perf/README.md), and only the kept groups
 are normalised (`patchify(keep=...)`).
 
+Frames are sampled by presentation time (the access units' AU_PTS, carried through the
+decoder's reordering; a frame without one is shown 1/source_fps after the frame before), and
+a sampled frame's temporal index t is its slot, floor(time * analysis_fps): a gap in the video
+is a gap in t and in FRAME_META's time_ms, never compressed away. Frames are turned upright
+(ROTATION) and scaled to codec_parser's max_pixels budget before anything looks at them
+(`codec.picture_for`).
+
 Each patch pairs a sampled frame with the stream's previous sampled frame in its two temporal
 slots (`patchify(previous=...)`), so a token carries the motion of its patch. The previous
 frame is converted only when the next sampled frame keeps something, and at the first sampled
@@ -18,13 +25,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from fractions import Fraction
 
 import numpy as np
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import FrameSampler, StreamDecoder
+from codecsight.codec import PTS_UNITS, FrameSampler, PictureTooLarge, StreamDecoder
 from codecsight.policy import POLICIES, PruningConfig, StreamMasks
-from codecsight.protocol import FRAME_META_COLUMNS, FRAME_TYPES, META, ParseStats
+from codecsight.protocol import (FRAME_META_COLUMNS, FRAME_TYPES, META, InvalidRequest,
+                                 ParseStats)
 from codecsight.vision import patchify
 
 # Codecs whose motion vectors FFmpeg exports; other streams cannot use the codec policy.
@@ -47,13 +56,21 @@ class StreamParser:
 
     def __init__(self, geometry: Geometry, codec: str, source_fps: float, analysis_fps: float,
                  policy: str = "dense", config: PruningConfig | None = None,
-                 skip_loop_filter: bool | str = False, window_seconds: float | None = None):
+                 skip_loop_filter: bool | str = False, window_seconds: float | None = None,
+                 rotation: int = 0, max_pixels: int | None = None,
+                 min_pixels: int | None = None, stream_id: str | int | None = None):
         """policy: the stream's policy for requests that name none ("" or None).
 
         config: None reads codec_parser's served settings (`PruningConfig.served`).
         window_seconds: the stream's LLM window; the whole-frame timer runs at most that long
         (`PruningConfig.for_window`), so every window holds one whole view. None: no window.
+        rotation: degrees clockwise that turn the frames upright (codec.ROTATIONS).
+        max_pixels: the pixel budget of a picture (codec_parser's max_pixels; None: none),
+        min_pixels: the checkpoint's (None: smart_resize's default); `codec.picture_for`.
+        stream_id: names the stream in errors (protocol.InvalidRequest).
+        Raises ValueError for a bad rate, policy or rotation, UnknownCodec.
         """
+        self.stream_id = stream_id
         self.geometry = geometry
         self.codec = codec
         self.config = (config or PruningConfig.served()).for_window(window_seconds)
@@ -63,9 +80,12 @@ class StreamParser:
         self.sampler = FrameSampler(source_fps, analysis_fps)
         self.source_fps = source_fps
         self.policy = self._checked(policy)
-        self.masks = StreamMasks(self.config, geometry, self.codec_signals)
-        self.next_t = 0            # t of the next sampled frame
+        self.masks = StreamMasks(self.config, geometry, self.codec_signals, rotation,
+                                 max_pixels, min_pixels)
+        self.masks.picture_for(64, 64)   # a bad rotation is refused now, not at the first frame
+        self.last_time: Fraction | None = None   # presentation time of the last decoded frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
+        self.refused_shapes: set[tuple[int, int]] = set()   # sizes no picture fits: skipped
 
     @property
     def nbytes(self) -> int:
@@ -92,18 +112,59 @@ class StreamParser:
                 "use codec)")
         return requested, None
 
-    def parse(self, chunk: bytes, policy: str | None = None, final: bool = False) -> ParseResult:
+    def frame_time(self, pts: float | None) -> Fraction:
+        """A decoded frame's presentation time, s: its access unit's, or, if it had none or
+        it is not after the previous frame's, that one + 1/source_fps (the first frame: 0)."""
+        if pts is not None:
+            time_s = Fraction(round(pts * PTS_UNITS), PTS_UNITS)
+            if self.last_time is None or time_s > self.last_time:
+                self.last_time = time_s
+                return time_s
+        self.last_time = Fraction(0) if self.last_time is None \
+            else self.last_time + 1 / self.sampler.source_fps
+        return self.last_time
+
+    def _check_sizes(self, frames) -> list:
+        """Frames whose size a picture fits; PictureTooLarge the first time a size does not
+        (at START, for a stream's first frames), after which that size is skipped."""
+        for f in frames:
+            shape = (f.width, f.height)
+            if shape in self.refused_shapes:
+                continue
+            try:
+                self.masks.picture_for(*shape)
+            except PictureTooLarge as e:
+                self.refused_shapes.add(shape)
+                raise InvalidRequest(self.stream_id, f"{e}; frames of this size are skipped "
+                                     "(send a smaller or less elongated picture, or raise "
+                                     "codec_parser's max_pixels and vit_pruned's "
+                                     "max_patches together)") from e
+        if not self.refused_shapes:
+            return frames
+        return [f for f in frames if (f.width, f.height) not in self.refused_shapes]
+
+    def parse(self, chunk: bytes, policy: str | None = None, final: bool = False,
+              au_bytes=None, au_pts=None) -> ParseResult:
         """Decode a chunk (and drain the decoder when final) and emit the sampled frames.
 
         policy: one of policy.POLICIES; None or "" uses the stream's policy.
+        au_bytes, au_pts: the chunk's access units (AU_BYTES int [K], AU_PTS float stream
+        seconds [K]); None: one unit without a time (frames 1/source_fps apart).
+        Raises protocol.InvalidRequest (a ValueError) the first time a frame size cannot fit
+        the pixel budget (a stream's first frames: at START); that size's frames are then
+        skipped, with a note.
         """
         requested = policy or self.policy
         applied, note = self.resolve_policy(requested)
         t_start = time.perf_counter()
         errors_before = self.decoder.errors
-        frames = self.decoder.feed(chunk)
+        frames = self.decoder.feed(chunk, au_bytes=None if au_bytes is None else
+                                   [int(n) for n in au_bytes], au_pts=au_pts)
         if final:
             frames += self.decoder.flush()
+        decoded = len(frames)
+        frame_types = "".join(f.pict_type for f in frames)
+        frames = self._check_sizes(frames)
         t_decoded = time.perf_counter()
         signals = self.masks.observe(frames)
         t_signals = time.perf_counter()
@@ -114,20 +175,24 @@ class StreamParser:
         sampled = 0
         for f, signal in zip(frames, signals):
             self.masks.add(f, signal)
-            if not self.sampler.is_sampled(f.index):
+            time_s = self.frame_time(f.pts)
+            slot = self.sampler.sample(time_s)
+            if slot is None:
                 continue
             sampled += 1
             self.frame_shape = (f.height, f.width)
             t0 = time.perf_counter()
-            selection = self.masks.select(applied, f, f.index / self.source_fps)
+            selection = self.masks.select(applied, f, float(time_s))
             t1 = time.perf_counter()
             select_s += t1 - t0
             keep = selection.keep
             if selection.whole_frame:
                 whole_frames[selection.whole_frame] += 1
+            if selection.fallback:
+                note = selection.fallback
             candidates += selection.candidates
             grid_h, grid_w = keep.shape
-            rows.append([self.next_t, f.index, round(1000.0 * f.index / self.source_fps),
+            rows.append([slot, f.index, round(1000 * time_s),
                          FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
             why.append(selection.whole_frame)
@@ -140,7 +205,6 @@ class StreamParser:
                 previous.append(before if before.shape == rgb.shape else rgb)
                 keeps.append(keep)
             convert_s += time.perf_counter() - t1
-            self.next_t += 1
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))
         t_patchify = time.perf_counter()
         if pixels:
@@ -159,8 +223,8 @@ class StreamParser:
         stats = ParseStats(
             whole_frame_seconds=self.config.whole_frame_seconds,
             policy=applied, policy_requested=requested, codec=self.codec,
-            chunk_bytes=len(chunk), frames_decoded=len(frames), frames_sampled=sampled,
-            frame_types="".join(f.pict_type for f in frames),
+            chunk_bytes=len(chunk), frames_decoded=decoded, frames_sampled=sampled,
+            frame_types=frame_types,
             patches_kept=int(len(patches)),
             patches_total=total_groups * self.geometry.patches_per_group,
             groups_kept=kept_groups, groups_total=total_groups,
@@ -181,6 +245,22 @@ class StreamParser:
             parser_ms=(t_end - t_start) * 1000.0,
             policy_fallback=note,
             decode_error=self.decoder.last_error if errors else None,
+            note=self._note(decoded, len(frames), len(chunk), errors),
         )
         return ParseResult(patches.astype(np.float32, copy=False), positions, meta, stats,
                            all_keeps, why)
+
+    def _note(self, decoded: int, kept: int, chunk_bytes: int, errors: int) -> str | None:
+        """Why a request with video decoded or kept no frame, else None."""
+        if decoded and kept < decoded:
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(self.refused_shapes))
+            return f"frames of size {sizes} skipped: no picture within max_pixels fits them"
+        if decoded or not chunk_bytes:
+            return None
+        waiting = self.decoder.waiting
+        if waiting:
+            return waiting
+        if errors:
+            return "no frame decoded: the chunk was damaged (decode_error says how)"
+        return ("no frame completed yet: the decoder holds this chunk's frames for B-frame "
+                "reordering, and returns them with the next chunk")

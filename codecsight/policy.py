@@ -43,8 +43,8 @@ import av
 import numpy as np
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import (MACROBLOCK, DecodedFrame, frame_to_luma, frame_to_rgb,
-                              macroblock_grid, macroblock_signals)
+from codecsight.codec import (MACROBLOCK, Axis, DecodedFrame, Picture, frame_to_luma,
+                              macroblock_grid, macroblock_signals, picture_for)
 from codecsight.protocol import PATCH_POLICIES
 
 POLICIES = PATCH_POLICIES + ("oracle",)  # what StreamMasks.select accepts
@@ -53,6 +53,12 @@ POLICIES = PATCH_POLICIES + ("oracle",)  # what StreamMasks.select accepts
 _SIGNAL_BATCH = 16
 # Why a sampled frame is kept whole. "timer": whole_frame_seconds passed since the last one.
 WHOLE_FRAME_REASONS = ("start", "scene_cut", "decode_error", "timer")
+# I-frames in a row after which a stream counts as all-intra (keyint=1, I-only encoders): an
+# inter-coded stream never codes two in a row, and without P/B-frames there is no motion.
+ALL_INTRA_RUN = 2
+ALL_INTRA_FALLBACK = ("no P/B-frames for {run} frames (an all-intra stream): codec has no "
+                      "motion evidence, so it checks the pixels of every group until inter "
+                      "frames return")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +154,33 @@ def dynamic_macroblocks(moving: np.ndarray, intra: np.ndarray,
         intra & (support >= config.intra_support))
 
 
-def overlap_matrix(cells: int, cell_pixels: int, groups: int, group_pixels: int) -> np.ndarray:
-    """float32 [cells, groups]: 1 where cell i (of cell_pixels) overlaps group j along one axis."""
-    start = np.arange(cells) * cell_pixels
-    first = start // group_pixels
-    last = np.minimum((start + cell_pixels - 1) // group_pixels, groups - 1)
+def overlap_matrix(cells: int, cell_pixels: int, groups: int, group_pixels: int,
+                   source_pixels: int | None = None, scaled_pixels: int | None = None,
+                   offset: int = 0) -> np.ndarray:
+    """float32 [cells, groups]: 1 where cell i (of cell_pixels) overlaps group j along one axis.
+
+    Cell i covers source pixels [offset + i * cell_pixels, + cell_pixels), clipped to the
+    source_pixels of the frame (None: not clipped); the picture scales the axis from
+    source_pixels to scaled_pixels (None: unscaled), so a cell covers cell_pixels * scale
+    picture pixels. Exact integer arithmetic.
+    """
+    start = offset + np.arange(cells, dtype=np.int64) * cell_pixels
+    end = start + cell_pixels
+    start = np.maximum(start, 0)
+    if source_pixels is not None:
+        end = np.minimum(end, source_pixels)
+    num, den = (1, 1) if scaled_pixels is None else (scaled_pixels, source_pixels)
+    first = start * num // (den * group_pixels)
+    last = np.minimum((end * num - 1) // (den * group_pixels), groups - 1)
     j = np.arange(groups)
-    return ((j >= first[:, None]) & (j <= last[:, None])).astype(np.float32)
+    inside = (end > start)[:, None]
+    return (inside & (j >= first[:, None]) & (j <= last[:, None])).astype(np.float32)
+
+
+def axis_overlap(axis: Axis, groups: int, group_pixels: int) -> np.ndarray:
+    """overlap_matrix of one axis of a Picture's upright macroblock grid: [macroblocks, groups]."""
+    return overlap_matrix(axis.macroblocks, MACROBLOCK, groups, group_pixels,
+                          axis.source_pixels, axis.scaled_pixels, axis.offset)
 
 
 def groups_from_macroblocks(macroblocks: np.ndarray, rows: np.ndarray,
@@ -257,13 +283,13 @@ class FrameSignal:
 class SampledFrame:
     """A sampled frame and its RGB pixels, converted at most once, when someone needs them."""
 
-    def __init__(self, frame: av.VideoFrame, group_pixels: int, rgb: np.ndarray | None = None):
-        self.frame, self.group_pixels, self._rgb = frame, group_pixels, rgb
+    def __init__(self, frame: av.VideoFrame, picture: Picture, rgb: np.ndarray | None = None):
+        self.frame, self.picture, self._rgb = frame, picture, rgb
 
     def rgb(self) -> np.ndarray:
-        """uint8 [Hp, Wp, 3] padded to whole merge groups (`codec.frame_to_rgb`)."""
+        """uint8 [Hp, Wp, 3] upright, scaled and padded to whole merge groups (`Picture.rgb`)."""
         if self._rgb is None:
-            self._rgb = frame_to_rgb(self.frame, self.group_pixels)
+            self._rgb = self.picture.rgb(self.frame)
         return self._rgb
 
     @property
@@ -282,16 +308,27 @@ class Selection:
     candidates: int           # groups flagged before the pixel check (codec), else kept groups
     frame: SampledFrame       # this frame (its RGB converted already if the policy needed it)
     previous: SampledFrame | None   # the stream's previous sampled frame; None at the first
+    fallback: str | None = None     # why codec judged this frame without codec evidence
 
 
 class StreamMasks:
     """One stream's pruning state: codec evidence since the last sampled frame, and what
-    the ViT last saw. Advance it with every decoded frame, in display order."""
+    the ViT last saw. Advance it with every decoded frame, in display order.
 
-    def __init__(self, config: PruningConfig, geometry: Geometry, codec_signals: bool):
+    rotation, max_pixels, min_pixels: how frames become the picture the ViT sees
+    (`codec.picture_for`): groups and pixel checks are those of the upright, scaled picture,
+    and the codec's macroblock flags are turned and scaled onto it.
+    """
+
+    def __init__(self, config: PruningConfig, geometry: Geometry, codec_signals: bool,
+                 rotation: int = 0, max_pixels: int | None = None,
+                 min_pixels: int | None = None):
         self.config = config
         self.geometry = geometry
         self.codec_signals = codec_signals   # False: no motion vectors (not H.264)
+        self.rotation, self.max_pixels, self.min_pixels = rotation, max_pixels, min_pixels
+        self.picture: Picture | None = None   # for frames of the current size
+        self.intra_run = 0   # I-frames decoded in a row (ALL_INTRA_RUN: an all-intra stream)
         self.pending: np.ndarray | None = None   # bool [mb_h, mb_w] flagged since last sample
         self.pending_whole_frame: str | None = "start"
         self.last_full_s: float | None = None    # time of the last whole frame the ViT saw
@@ -317,15 +354,22 @@ class StreamMasks:
             pinned += self.previous_sampled.nbytes
         return sum(a.nbytes for a in arrays if a is not None) + pinned
 
+    def picture_for(self, width: int, height: int) -> Picture:
+        """The picture frames of this size become (codec.picture_for); PictureTooLarge."""
+        return picture_for(width, height, self.geometry.group_pixels, self.rotation,
+                           self.max_pixels, self.min_pixels)
+
     def _geometry_for(self, width: int, height: int) -> None:
         if self._shape == (width, height):
             return
         group = self.geometry.group_pixels
-        mb_h, mb_w = macroblock_grid(width, height)
-        grid_h, grid_w = -(-height // group), -(-width // group)
-        self._rows = overlap_matrix(mb_h, MACROBLOCK, grid_h, group)
-        self._cols = overlap_matrix(mb_w, MACROBLOCK, grid_w, group)
-        self._valid = valid_pixels(width, height, group)
+        picture = self.picture_for(width, height)
+        grid_h, grid_w = picture.grid
+        rows, cols = picture.axes()
+        self._rows = axis_overlap(rows, grid_h, group)
+        self._cols = axis_overlap(cols, grid_w, group)
+        self._valid = valid_pixels(picture.width, picture.height, group)
+        self.picture = picture
         if self._shape is not None:
             # A new frame size: nothing seen before lines up any more.
             self.pending, self.reference, self.previous_flags = None, None, None
@@ -429,6 +473,7 @@ class StreamMasks:
 
     def add(self, frame: DecodedFrame, signal: FrameSignal) -> None:
         """Accumulate a frame's evidence into what the next sampled frame will be judged on."""
+        self.intra_run = self.intra_run + 1 if frame.pict_type == "I" else 0
         if signal.flags is not None:
             if self.pending is None or self.pending.shape != signal.flags.shape:
                 self.pending = signal.flags.copy()
@@ -448,7 +493,7 @@ class StreamMasks:
             raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
         config, group = self.config, self.geometry.group_pixels
         self._geometry_for(frame.width, frame.height)
-        luma = frame_to_luma(frame.frame, group)
+        luma = self.picture.luma(frame.frame)
         grid = (luma.shape[0] // group, luma.shape[1] // group)
         # Scene cuts and decode errors are codec evidence: the pixel policies (evs as vLLM
         # runs it, and the oracle) keep whole frames only where the LLM window needs one.
@@ -458,7 +503,8 @@ class StreamMasks:
                 self.last_full_s is None
                 or time_s - self.last_full_s >= config.whole_frame_seconds - 1e-6):
             whole = "timer"
-        sampled, previous = SampledFrame(frame.frame, group), self.previous_sampled
+        sampled, previous = SampledFrame(frame.frame, self.picture), self.previous_sampled
+        fallback = None
         if policy == "dense":
             keep, whole = np.ones(grid, bool), None
         elif whole is not None or self.reference is None:
@@ -466,7 +512,10 @@ class StreamMasks:
             if policy == "evs":
                 sampled.rgb()    # evs compares the next frame with this one's pixels
         elif policy == "codec":
-            keep = self._codec_keep(luma, grid)
+            all_intra = self.codec_signals and self.intra_run >= ALL_INTRA_RUN
+            keep = self._codec_keep(luma, grid, all_intra)
+            if all_intra:
+                fallback = ALL_INTRA_FALLBACK.format(run=self.intra_run)
         elif policy == "evs":
             keep = evs_keep(previous.rgb(), sampled.rgb(), self.geometry,
                             config.evs_pruning_rate)
@@ -476,10 +525,13 @@ class StreamMasks:
         candidates = self._candidates if policy == "codec" and whole is None \
             else int(keep.sum())
         self._remember(sampled, luma, keep, time_s)
-        return Selection(keep, whole, candidates, sampled, previous)
+        return Selection(keep, whole, candidates, sampled, previous, fallback)
 
-    def _codec_keep(self, luma: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        if self.pending_camera:
+    def _codec_keep(self, luma: np.ndarray, grid: tuple[int, int],
+                    all_intra: bool = False) -> np.ndarray:
+        """all_intra: no inter frame for a while, so no motion evidence: every group is a
+        candidate and the pixel check decides (whatever pixel_check says)."""
+        if self.pending_camera or all_intra:
             # The codec's flags are motion relative to the scene (global motion removed), but
             # a panning or shaking camera moves the content under every fixed (h, w) position
             # the LLM knows: every group is a candidate, the pixel check keeps what shifted.
@@ -487,9 +539,10 @@ class StreamMasks:
         elif self.pending is None:  # no codec evidence yet (no P/B-frame since the sample)
             candidates = np.zeros(grid, bool)
         else:
-            candidates = groups_from_macroblocks(self.pending, self._rows, self._cols)
+            candidates = groups_from_macroblocks(self.picture.upright_macroblocks(self.pending),
+                                                 self._rows, self._cols)
         self._candidates = int(candidates.sum())
-        if not self.config.pixel_check or not candidates.any():
+        if not (self.config.pixel_check or all_intra) or not candidates.any():
             return candidates
         config, group = self.config, self.geometry.group_pixels
         # Changed since the ViT's version of the group (slow drift adds up), or since the

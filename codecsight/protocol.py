@@ -221,6 +221,7 @@ class ParseStats(_WireStats):
     parser_ms: float                 # all of the above
     policy_fallback: str | None = None  # why policy differs from policy_requested
     decode_error: str | None = None  # the last decoder error, when decode_errors > 0
+    note: str | None = None          # why a chunk with video decoded (or kept) no frame
     whole_frame_seconds: float | None = None  # the stream's effective whole-frame timer
     stream: str | int | None = None  # set by the model: the stream (sequence) ID
     active_streams: int | None = None  # set by the model: streams this instance holds

@@ -53,7 +53,8 @@ class TritonPythonModel:
         ).validate(self.params["max_chunk_bytes"])
         seq = req.seq
         with backend.stream_state(self.streams, seq, lambda: self._new_parser(req)) as parser:
-            result = parser.parse(req.chunk.tobytes(), req.policy or None, final=seq.end)
+            result = parser.parse(req.chunk.tobytes(), req.policy or None, final=seq.end,
+                                  au_bytes=req.au_bytes, au_pts=req.au_pts)
         result.stats.stream, result.stats.active_streams = seq.stream_id, len(self.streams)
         if not seq.dry_run:
             self.metrics.observe_parse(result.stats, streams=self.streams)
@@ -65,7 +66,9 @@ class TritonPythonModel:
         return StreamParser(self.geometry, req.codec, req.source_fps, req.analysis_fps,
                             policy=req.policy or self.params["default_policy"],
                             config=self.pruning, window_seconds=req.window_seconds,
-                            skip_loop_filter=self.params["skip_loop_filter"])
+                            skip_loop_filter=self.params["skip_loop_filter"],
+                            rotation=req.rotation, max_pixels=self.params["max_pixels"],
+                            min_pixels=self.geometry.min_pixels, stream_id=req.seq.stream_id)
 
     def finalize(self):
         self.streams = None
