@@ -334,3 +334,39 @@ def test_the_client_answers_every_window_across_a_camera_restart(server, tmp_pat
     assert len(jumps) == 1 and "'cam-splice'" in jumps[0] and "6.000 s" in jumps[0]
     token = stream_token("cam-splice", tmp_path / "secret")
     assert token not in captured.out + captured.err
+
+
+def small_stream(grpc, stream_id, token, **kw):
+    settings = StreamSettings(source_fps=10.0, window_seconds=2.0, policy="dense")
+    return StreamClient(grpc, stream_id, settings, token=token, notice=lambda m: None, **kw)
+
+
+def test_a_restarted_owner_takes_its_stream_back_and_others_cannot(grpc, clip_chunks,
+                                                                   tmp_path):
+    owner = stream_token("cam-own", tmp_path / "secret")   # what a restart derives again
+    other = stream_token("cam-own", tmp_path / "another client's secret")
+    crashed = small_stream(grpc, "cam-own", owner)
+    crashed.send(clip_chunks[0])                      # no END: the client died
+    restarted = small_stream(grpc, "cam-own", owner)
+    first = restarted.send(clip_chunks[0])            # START again, same token: accepted
+    assert first.parse.owner_restart and first.parse.chunk_seq == 0
+    intruder = small_stream(grpc, "cam-own", other, reconnect_s=0)
+    with pytest.raises(InferenceServerException, match="already active"):
+        intruder.send(clip_chunks[1])
+    after = restarted.send(clip_chunks[1])            # the owner's stream is untouched
+    assert (after.parse.chunk_seq, after.parse.frames_decoded, restarted.resumes) == (1, 10, 0)
+
+
+def test_an_end_without_the_token_is_refused_and_the_owner_carries_on(grpc, clip_chunks,
+                                                                      tmp_path):
+    owner = small_stream(grpc, "cam-end", stream_token("cam-end", tmp_path / "secret"))
+    owner.send(clip_chunks[0])
+    intruder = small_stream(grpc, "cam-end", "not-the-owner", reconnect_s=0)
+    intruder.started = True
+    with pytest.raises(InferenceServerException, match="'cam-end'.*STREAM_TOKEN"):
+        intruder.send_once(b"", last=True)
+    # codec_parser keeps the owner's state, but Triton's sequence batcher ends a sequence on
+    # any END, refused or not: the owner's next continuation is then refused by the batcher
+    # ("must specify the START flag") and the client resumes from its last keyframe itself.
+    after = owner.send(clip_chunks[1], last=True)
+    assert after.answer and after.parse.frames_decoded >= 10 and owner.resumes <= 1
