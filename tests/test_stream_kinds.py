@@ -297,3 +297,48 @@ def test_a_raw_stream_joined_mid_gop_says_it_waits_for_parameter_sets():
     assert waiting.decode_errors == 0 and waiting.decode_error is None
     decoding = send(stream, units[15:], per_chunk=15)[0].stats   # from the next IDR
     assert decoding.frames_decoded == 15 and decoding.note is None
+
+
+def test_the_kv_window_keeps_a_gap_in_t_and_stays_exact_across_a_slide(tiny):
+    import torch
+
+    from codecsight.llm import KVWindow, VisualLM
+
+    model, tokenizer = tiny
+    vlm = VisualLM(model, tokenizer, max_new_tokens=2)
+    cells = np.array([[h, w] for h in range(2) for w in range(3)], np.int64)
+    gen = torch.Generator().manual_seed(0)
+    frames = [WindowFrame(t=t, frame_index=t, time_ms=500 * t,
+                          frame_type="I" if t % 4 == 0 else "P", grid_h=2, grid_w=3,
+                          tokens=torch.randn(len(cells), 128, generator=gen), cells=cells)
+              for t in (0, 1, 2, 3, 48, 49, 50, 51)]          # 20 s without video after t=3
+    _, positions = vlm.layout(frames, None)
+    prefix = len(vlm.prefix_ids)
+    assert sorted(set(positions[0, prefix:].tolist())) == [prefix + t for t in
+                                                           (0, 1, 2, 3, 48, 49, 50, 51)]
+    kv = KVWindow(vlm)
+    kv.sync(vlm, frames[:6], "selective", 0)
+    kv.sync(vlm, frames[2:], "selective", 0)                  # slides by t0 0 -> 2
+    ref = KVWindow(vlm)
+    ref.sync(vlm, frames[2:], "full", 0)
+    torch.testing.assert_close(kv.cache.layers[0].keys, ref.cache.layers[0].keys,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.server
+def test_a_720p_camera_is_served_through_the_real_server(grpc, tmp_path):
+    from codecsight_client.demux import iter_chunks, probe
+    from codecsight_client.stream import StreamClient, StreamSettings
+
+    frames, _ = moving_boxes(10, 1280, 720, boxes=[Box(200, 200, 96, 96, vx=8)], seed=9)
+    path = encode_h264(frames, 10.0, gop=10, path=tmp_path / "720p.mp4")
+    info = probe(str(path))
+    stream = StreamClient(grpc, "hd-720p", StreamSettings(
+        question="is anyone moving?", codec=info.codec, source_fps=info.fps,
+        analysis_fps=2.0, window_seconds=4.0, policy="dense"))
+    chunks = list(iter_chunks(str(path), 2.0))
+    results = [stream.send(c, last=k == len(chunks) - 1) for k, c in enumerate(chunks)]
+    parse = results[0].parse
+    assert parse.frames_decoded == 10 and parse.frames_sampled == 2
+    assert parse.groups_total == 2 * 24 * 42 and parse.patches_kept == 2 * 24 * 42 * 4
+    assert results[-1].answer
