@@ -86,6 +86,7 @@ class StreamParser:
         self.last_time: Fraction | None = None   # presentation time of the last decoded frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
         self.refused_shapes: set[tuple[int, int]] = set()   # sizes no picture fits: skipped
+        self._fitting_shapes: set[tuple[int, int]] = set()  # sizes checked and fitting
 
     @property
     def nbytes(self) -> int:
@@ -129,10 +130,11 @@ class StreamParser:
         (at START, for a stream's first frames), after which that size is skipped."""
         for f in frames:
             shape = (f.width, f.height)
-            if shape in self.refused_shapes:
+            if shape in self.refused_shapes or shape in self._fitting_shapes:
                 continue
             try:
                 self.masks.picture_for(*shape)
+                self._fitting_shapes.add(shape)
             except PictureTooLarge as e:
                 self.refused_shapes.add(shape)
                 raise InvalidRequest(self.stream_id, f"{e}; frames of this size are skipped "

@@ -299,3 +299,29 @@ def test_frame_to_rgb_pads_bottom_and_right_with_zeros(car_decoded):
     assert np.array_equal(rgb[:432, :768], frame.to_ndarray(format="rgb24"))
     assert not rgb[432:].any() and not rgb[:, 768:].any()
     assert rgb[:432, :768].mean() > 20   # real picture content, not a blank frame
+
+
+def test_sampler_by_time_takes_one_frame_per_slot_and_the_first_after_a_gap():
+    sampler = FrameSampler(10, 2)
+    times = [0.0, 0.1, 0.5, 0.55, 0.9, 1.0, 30.2, 30.3, 30.6]
+    assert [sampler.sample(t) for t in times] == [0, None, 1, None, None, 2, 60, None, 61]
+
+
+def test_sampler_by_time_does_not_lose_an_exact_multiple_to_rounding():
+    # 1/3 s is not a whole number of microseconds: the slot boundary must still hold
+    sampler = FrameSampler(30, 3)
+    assert sampler.slot(1 / 3) == 1 and sampler.slot(2 / 3) == 2 and sampler.slot(0.33) == 0
+
+
+def test_decoded_frames_carry_their_access_unit_times_through_reordering(tmp_path):
+    from codecsight_client.demux import iter_chunks
+
+    frames, _ = moving_boxes(12, 96, 64, boxes=[BOX], seed=0)
+    path = encode_h264(frames, 10, gop=12, bframes=2, path=tmp_path / "b.mp4")
+    chunk = next(iter(iter_chunks(str(path), 100.0)))
+    assert list(chunk.au_pts) != sorted(chunk.au_pts)          # decode order differs
+    decoder = StreamDecoder()
+    decoded = decoder.feed(chunk.data, au_bytes=chunk.au_sizes, au_pts=chunk.au_pts)
+    decoded += decoder.flush()
+    assert [round(f.pts, 3) for f in decoded] == [k / 10 for k in range(12)]
+    assert "B" in {f.pict_type for f in decoded}

@@ -413,3 +413,23 @@ def test_codec_pruned_window_reaches_the_llm_at_the_dense_positions(tiny, tiny_d
     assert torch.equal(codec[2][:, prefix + n_codec:], dense[2][:, prefix + n_dense:])
     # the whole first frame goes through unchanged, token for token
     assert torch.allclose(codec[0][0].tokens, dense[0][0].tokens, atol=1e-5)
+
+
+def test_a_scaled_frame_maps_macroblocks_onto_the_scaled_groups():
+    # 1280 px scaled to 1176: macroblock 79 (px 1264-1279) lands at 1161-1176, group 41
+    cols = overlap_matrix(80, 16, 42, 28, source_pixels=1280, scaled_pixels=1176)
+    assert np.flatnonzero(cols[79]).tolist() == [41]
+    assert np.flatnonzero(cols[70]).tolist() == [36, 37]      # 1120-1136 -> 1029-1044
+    assert np.flatnonzero(cols[0]).tolist() == [0]            # 0-16 -> 0-14.7
+    assert (cols.sum(axis=0) > 0).all()                        # every group is reachable
+    # unscaled and clipped to the frame, the matrix is the plain one
+    assert np.array_equal(overlap_matrix(27, 16, 16, 28, source_pixels=432),
+                          overlap_matrix(27, 16, 16, 28))
+
+
+def test_a_reversed_axis_starts_with_the_partial_macroblock():
+    # 1080 rows, 68 macroblocks (1088 px): turned upside down, macroblock 0 holds 8 rows
+    rows = overlap_matrix(68, 16, 39, 28, source_pixels=1080, offset=1080 - 68 * 16)
+    assert np.flatnonzero(rows[0]).tolist() == [0]             # px -8..7: group 0 only
+    assert np.flatnonzero(rows[2]).tolist() == [0, 1]          # px 24..39
+    assert np.flatnonzero(rows[67]).tolist() == [38]           # px 1064..1079
