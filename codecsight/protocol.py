@@ -154,6 +154,26 @@ class StreamAlreadyActive(StreamError):
     code = "ALREADY_EXISTS"
 
 
+class StreamNotOwned(StreamError):
+    """A request whose STREAM_TOKEN is not the one its stream was started with.
+
+    INVALID_ARG: this Triton build has no PERMISSION_DENIED, and NOT_FOUND would make a
+    client restart (and so fight over) a stream that is not its own.
+    """
+
+    code = "INVALID_ARG"
+
+
+class StreamsFull(StreamError):
+    """A START beyond the instance's stream cap (codec_parser's max_streams).
+
+    UNAVAILABLE: this Triton build has no RESOURCE_EXHAUSTED; the START may succeed later,
+    here or on another server.
+    """
+
+    code = "UNAVAILABLE"
+
+
 def check_choice(stream_id, what: str, value: str, allowed: tuple[str, ...]) -> str:
     """Return value if allowed, else raise InvalidRequest listing the allowed values."""
     if value not in allowed:
@@ -225,6 +245,13 @@ class ParseStats(_WireStats):
     whole_frame_seconds: float | None = None  # the stream's effective whole-frame timer
     stream: str | int | None = None  # set by the model: the stream (sequence) ID
     active_streams: int | None = None  # set by the model: streams this instance holds
+    chunk_seq: int | None = None     # set by the model: the request's CHUNK_SEQ
+    duplicate_chunk: bool = False    # set by the model: an exact re-send of the last chunk,
+    #                                  dropped (nothing decoded, the stream's time unchanged)
+    time_jump: float = 0.0           # set by the model: the request's TIME_JUMP (s)
+    time_jumps: int = 0              # set by the model: the stream's discontinuities so far
+    owner_restart: bool = False      # set by the model: a START by the stream's own token
+    #                                  that replaced its still-active stream
 
 
 @dataclasses.dataclass
