@@ -24,13 +24,19 @@ def sequence(request, pb_utils) -> Sequence:
 
 
 @contextlib.contextmanager
-def stream_state(streams, seq: Sequence, make, replace: bool = False):
+def stream_state(streams, seq: Sequence, make, replace: bool = False,
+                 owner: str | None = None):
     """The request's per-stream state: made on START (a throwaway for warmup), looked up
     otherwise (StreamNotFound if it has none), freed on END even on error.
 
+    owner: the request's STREAM_TOKEN where the model checks ownership (StreamStates.start
+    and .get; a refused request leaves the owner's state untouched), None where it does not.
     make() builds the state from the request's settings, so a ValueError it raises (an
     unknown codec, a bad frame rate) is the request's fault: InvalidRequest.
+    A START whose request then fails leaves no state: the camera's retry must find the
+    stream free, not "already active".
     """
+    started = False
     if seq.dry_run or seq.start:
         try:
             state = make()
@@ -39,14 +45,94 @@ def stream_state(streams, seq: Sequence, make, replace: bool = False):
         except ValueError as e:
             raise InvalidRequest(seq.stream_id, str(e)) from e
         if not seq.dry_run:
-            state = streams.start(seq.stream_id, state, replace=replace)
+            state = streams.start(seq.stream_id, state, replace=replace, owner=owner)
+            started = True
     else:
-        state = streams.get(seq.stream_id)
+        state = streams.get(seq.stream_id, owner=owner)
     try:
         yield state
+    except BaseException:
+        if started:
+            streams.end(seq.stream_id)
+        raise
     finally:
         if seq.end and not seq.dry_run:
             streams.end(seq.stream_id)
+
+
+def sequence_batching(model: str, model_config: str | dict) -> tuple[float, int | None]:
+    """(idle timeout in seconds, max_candidate_sequences or None) of the model's
+    sequence_batching, from the config Triton passes to initialize (JSON text or dict).
+
+    Triton's default idle timeout is 1 s; max_candidate_sequences is None unless the
+    "oldest" strategy sets it. Raises ValueError when the model has no sequence batcher.
+    """
+    config = json.loads(model_config) if isinstance(model_config, str) else model_config
+    batching = config.get("sequence_batching")
+    if batching is None:
+        raise ValueError(f"model {model!r} is stateful per stream: its config needs a "
+                         "sequence_batching section")
+    # protobuf's JSON writes uint64 as a string: int() reads either form.
+    idle_s = int(batching.get("max_sequence_idle_microseconds") or 1_000_000) / 1e6
+    oldest = batching.get("oldest")
+    candidates = int(oldest["max_candidate_sequences"]) if oldest and \
+        oldest.get("max_candidate_sequences") else None
+    return idle_s, candidates
+
+
+def check_stream_limits(model: str, model_config: str | dict, state_ttl_seconds: float,
+                        max_streams: int | None = None) -> None:
+    """Refuse to load (ValueError naming the values) a config whose settings contradict its
+    sequence batcher.
+
+    state_ttl_seconds must be at least the batcher's idle timeout: Triton keeps a sequence
+    that long without telling the model, so a shorter TTL would evict a live stream.
+    max_streams (the admission cap) must be below max_candidate_sequences: a START over
+    the cap must reach the model to be refused at once, not wait in Triton's backlog for
+    a free sequence slot.
+    """
+    idle_s, candidates = sequence_batching(model, model_config)
+    if state_ttl_seconds < idle_s:
+        raise ValueError(
+            f"model {model!r}: state_ttl_seconds={state_ttl_seconds:g} is shorter than its "
+            f"sequence batcher's max_sequence_idle_microseconds={round(idle_s * 1e6)} "
+            f"({idle_s:g} s): a stream Triton still holds would lose its state; raise "
+            "state_ttl_seconds or lower the idle timeout")
+    if max_streams is None:
+        return
+    if candidates is None:
+        raise ValueError(f"model {model!r}: max_streams={max_streams} needs sequence_batching "
+                         "with the oldest strategy and its max_candidate_sequences set")
+    if max_streams >= candidates:
+        raise ValueError(
+            f"model {model!r}: max_streams={max_streams} must be below its sequence "
+            f"batcher's max_candidate_sequences={candidates}: a START over the cap would wait "
+            "in Triton's backlog instead of being refused; lower max_streams or raise "
+            "max_candidate_sequences (here and in llm_prefill)")
+
+
+def duplicate_result(parser, geometry, chunk_bytes: int):
+    """codec_parser's answer to an exact re-send of the chunk it processed last: no frame,
+    no patch (patches float32 [0, patch_dim], positions int64 [0, 3], frame_meta int64
+    [0, 7]), stats with duplicate_chunk set, so llm_prefill answers its unchanged window.
+
+    parser: the stream's StreamParser (its policy and codec name the stats); geometry:
+    checkpoint.Geometry; chunk_bytes: the re-sent chunk's size.
+    """
+    from codecsight.parser import ParseResult   # the parser's process only: PyAV behind it
+    from codecsight.protocol import FRAME_META_COLUMNS, ParseStats
+
+    policy, _ = parser.resolve_policy(None)
+    stats = ParseStats(
+        policy=policy, policy_requested=parser.policy, codec=parser.codec,
+        chunk_bytes=chunk_bytes, frames_decoded=0, frames_sampled=0, frame_types="",
+        patches_kept=0, patches_total=0, groups_kept=0, groups_total=0, kept_share=None,
+        groups_kept_per_frame=[], groups_flagged_by_codec=None, whole_frames={},
+        intra_share=None, moving_share=None, decode_errors=0, decode_ms=0.0, signals_ms=0.0,
+        select_ms=0.0, convert_ms=0.0, patchify_ms=0.0, parser_ms=0.0,
+        whole_frame_seconds=parser.config.whole_frame_seconds, duplicate_chunk=True)
+    return ParseResult(np.zeros((0, geometry.patch_dim), np.float32), np.zeros((0, 3), np.int64),
+                       np.zeros((0, len(FRAME_META_COLUMNS)), np.int64), stats)
 
 
 def array(request, name: str, pb_utils) -> np.ndarray:

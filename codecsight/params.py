@@ -34,6 +34,7 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
         "model_dir": str,                # the checkpoint, for its patch geometry
         "state_ttl_seconds": float,
         "max_state_bytes": int,
+        "max_streams": int,              # admission cap per instance
         "max_chunk_bytes": int,
         "max_pixels": int,               # a picture's pixel budget (codec.picture_for)
         "default_policy": PATCH_POLICIES,
@@ -60,7 +61,7 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
 TENSORRT_PARAMETERS: dict[str, dict[str, Kind]] = {"vit_pruned": {"max_patches": int}}
 # Lower bounds checked on reading; the library checks the other values where it takes them
 # (StreamStates the TTL and byte cap, PruningConfig the pruning settings).
-MINIMUM = {"max_chunk_bytes": 1, "max_new_tokens": 1, "max_question_tokens": 1,
+MINIMUM = {"max_streams": 1, "max_chunk_bytes": 1, "max_new_tokens": 1, "max_question_tokens": 1,
            "anchor_refresh_frames": 0, "max_patches": 1, "max_pixels": 784, "intra_op_threads": 0}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

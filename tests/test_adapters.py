@@ -114,19 +114,20 @@ def test_a_timer_of_zero_stays_zero_whatever_the_window(parser, chunks):
 def test_codec_parser_follows_start_continuation_and_end(parser, chunks):
     model = parser()
     assert one(model, parse_request("cam-2", chunks[0], start=True)).error is None
-    middle = one(model, parse_request("cam-2", chunks[1]))
+    middle = one(model, parse_request("cam-2", chunks[1], chunk_seq=1))
     assert middle.error is None and middle.json("PARSE_STATS")["frames_decoded"] > 0
-    end = one(model, parse_request("cam-2", b"", end=True))
+    end = one(model, parse_request("cam-2", b"", end=True, chunk_seq=2))
     assert end.error is None and "cam-2" not in model.streams
-    refused(one(model, parse_request("cam-2", chunks[1])), "NOT_FOUND", "'cam-2'", "START")
+    refused(one(model, parse_request("cam-2", chunks[1], chunk_seq=3)), "NOT_FOUND", "'cam-2'",
+            "START")
 
 
-def test_a_duplicate_start_is_already_exists_and_keeps_the_first_stream(parser, chunks):
+def test_another_clients_start_is_already_exists_and_keeps_the_first_stream(parser, chunks):
     model = parser()
     one(model, parse_request("cam-3", chunks[0], start=True))
-    refused(one(model, parse_request("cam-3", chunks[0], start=True)), "ALREADY_EXISTS",
-            "'cam-3'", "already active")
-    after = one(model, parse_request("cam-3", chunks[1], end=True))
+    refused(one(model, parse_request("cam-3", chunks[0], start=True, token="intruder")),
+            "ALREADY_EXISTS", "'cam-3'", "already active")
+    after = one(model, parse_request("cam-3", chunks[1], end=True, chunk_seq=1))
     assert after.error is None and after.json("PARSE_STATS")["decode_errors"] == 0
 
 
@@ -178,6 +179,147 @@ def test_an_unexpected_error_is_internal_logged_with_its_traceback_and_the_model
     errors = [m for level, m in stub.Logger.records if level == "error"]
     assert len(errors) == 1 and "cam-bug" in errors[0] and "Traceback" in errors[0]
     assert one(model, parse_request("cam-ok", chunks[0], start=True)).error is None
+
+
+# --- codec_parser: ownership, chunk order, admission ----------------------------------------
+
+def outputs_of(response):
+    assert response.error is None, response.error
+    return response.outputs[PATCHES], response.outputs[FRAME_META]
+
+
+def test_an_intruders_continuation_and_end_are_refused_and_the_owner_goes_on_untouched(
+        parser, chunks):
+    model, control = parser(), parser()
+    for m in (model, control):
+        one(m, parse_request("cam-o", chunks[0], start=True, token="alice"))
+    refused(one(model, parse_request("cam-o", chunks[1], chunk_seq=1, token="mallory")),
+            "INVALID_ARG", "'cam-o'", "STREAM_TOKEN")
+    refused(one(model, parse_request("cam-o", b"", end=True, chunk_seq=1, token="mallory")),
+            "INVALID_ARG", "'cam-o'", "STREAM_TOKEN")
+    assert "cam-o" in model.streams
+    patches, meta = outputs_of(one(model, parse_request("cam-o", chunks[1], chunk_seq=1,
+                                                        token="alice")))
+    want_patches, want_meta = outputs_of(one(control, parse_request("cam-o", chunks[1],
+                                                                    chunk_seq=1, token="alice")))
+    assert len(meta[0]) > 0
+    np.testing.assert_array_equal(meta, want_meta)
+    np.testing.assert_array_equal(patches, want_patches)
+
+
+def test_the_owners_start_replaces_its_active_stream_at_once(parser, chunks):
+    model = parser()
+    one(model, parse_request("cam-r", chunks[0], start=True, token="alice"))
+    one(model, parse_request("cam-r", chunks[1], chunk_seq=1, token="alice"))
+    again = one(model, parse_request("cam-r", chunks[0], start=True, chunk_seq=7, token="alice"))
+    stats = again.json("PARSE_STATS")
+    assert again.error is None and stats["owner_restart"] is True
+    # A fresh decoder and timeline: the same frames as the stream's first START gave.
+    assert stats["frames_decoded"] == 25 and again.outputs[FRAME_META][0][0][1] == 0
+    assert one(model, parse_request("cam-r", chunks[1], chunk_seq=8, token="alice")).error is None
+
+
+def test_an_exact_duplicate_chunk_is_dropped_and_the_stream_time_does_not_move(parser, chunks):
+    model, control = parser(), parser()
+    for m in (model, control):
+        one(m, parse_request("cam-d", chunks[0], start=True))
+    again = one(model, parse_request("cam-d", chunks[0], chunk_seq=0))
+    stats = again.json("PARSE_STATS")
+    assert again.error is None and stats["duplicate_chunk"] is True and stats["chunk_seq"] == 0
+    assert stats["frames_decoded"] == 0 and again.outputs[PATCHES].shape[1] == 0
+    assert again.outputs[FRAME_META].shape == (1, 0, 7)
+    patches, meta = outputs_of(one(model, parse_request("cam-d", chunks[1], chunk_seq=1)))
+    want_patches, want_meta = outputs_of(one(control, parse_request("cam-d", chunks[1],
+                                                                    chunk_seq=1)))
+    np.testing.assert_array_equal(meta, want_meta)      # same frame indices and times
+    np.testing.assert_array_equal(patches, want_patches)
+
+
+@pytest.mark.parametrize("seq, texts", [(2, ("chunk 2 is a gap", "expected chunk 1")),
+                                        (-1, ("chunk -1 is out of order", "expected chunk 1"))],
+                         ids=["gap", "reorder"])
+def test_a_gap_or_reorder_is_invalid_arg_and_the_stream_goes_on(parser, chunks, seq, texts):
+    model = parser()
+    one(model, parse_request("cam-g", chunks[0], start=True))
+    refused(one(model, parse_request("cam-g", chunks[1], chunk_seq=seq)), "INVALID_ARG",
+            "'cam-g'", *texts)
+    after = one(model, parse_request("cam-g", chunks[1], chunk_seq=1))
+    assert after.error is None and after.json("PARSE_STATS")["frames_decoded"] == 25
+
+
+def test_stats_echo_the_chunk_number_and_count_time_jumps(parser, chunks):
+    from codecsight.protocol import TIME_JUMP
+
+    model = parser()
+    one(model, parse_request("cam-j", chunks[0], start=True))
+    request = parse_request("cam-j", chunks[1], chunk_seq=1)
+    request.inputs[TIME_JUMP] = triton_stub.Tensor(TIME_JUMP, np.array([[-7.5]], np.float64))
+    stats = one(model, request).json("PARSE_STATS")
+    assert (stats["chunk_seq"], stats["time_jump"], stats["time_jumps"]) == (1, -7.5, 1)
+    stats = one(model, parse_request("cam-j", b"", end=True, chunk_seq=2)).json("PARSE_STATS")
+    assert (stats["chunk_seq"], stats["time_jump"], stats["time_jumps"]) == (2, 0.0, 1)
+
+
+def test_a_start_beyond_max_streams_is_unavailable_and_admitted_after_an_end(parser, chunks):
+    model = parser(max_streams=2)
+    for sid in ("cam-1", "cam-2"):
+        assert one(model, parse_request(sid, chunks[0], start=True)).error is None
+    refused(one(model, parse_request("cam-3", chunks[0], start=True)), "UNAVAILABLE",
+            "'cam-3'", "max_streams=2")
+    assert "cam-3" not in model.streams
+    one(model, parse_request("cam-1", b"", end=True, chunk_seq=1))
+    assert one(model, parse_request("cam-3", chunks[0], start=True)).error is None
+
+
+def test_a_failed_start_leaves_no_state_and_the_retry_is_accepted(parser, chunks, monkeypatch):
+    from codecsight.parser import StreamParser
+    from codecsight.protocol import InvalidRequest
+
+    model = parser()
+    real = StreamParser.parse
+
+    def too_large(self, *args, **kwargs):
+        raise InvalidRequest("cam-f", "frame too large")
+
+    monkeypatch.setattr(StreamParser, "parse", too_large)
+    refused(one(model, parse_request("cam-f", chunks[0], start=True)), "INVALID_ARG",
+            "frame too large")
+    assert "cam-f" not in model.streams and len(model.streams) == 0
+    monkeypatch.setattr(StreamParser, "parse", real)
+    # Even another client's START: nothing of the failed one is left to refuse it.
+    assert one(model, parse_request("cam-f", chunks[0], start=True, token="other")).error is None
+
+
+def sequence_config(model, tiny_dir, **batching):
+    """initialize()'s args for a model, its sequence_batching fields replaced."""
+    import json
+
+    args = triton_stub.model_args(model, model_dir=tiny_dir)
+    config = json.loads(args["model_config"])
+    for key, value in batching.items():
+        if key == "max_candidate_sequences":
+            config["sequence_batching"]["oldest"][key] = value
+        else:
+            config["sequence_batching"][key] = value
+    args["model_config"] = json.dumps(config)
+    return args
+
+
+@pytest.mark.parametrize("model", ["codec_parser", "llm_prefill"])
+def test_a_ttl_shorter_than_the_batchers_idle_timeout_refuses_to_load(stub, tiny_dir, model):
+    args = sequence_config(model, tiny_dir, max_sequence_idle_microseconds="120000000")
+    instance = triton_stub.load_model(model, stub).TritonPythonModel()
+    with pytest.raises(ValueError, match=rf"'{model}'.*state_ttl_seconds=60 .*"
+                                         r"max_sequence_idle_microseconds=120000000"):
+        instance.initialize(args)
+
+
+def test_max_streams_not_below_the_batchers_candidates_refuses_to_load(stub, tiny_dir):
+    args = sequence_config("codec_parser", tiny_dir, max_candidate_sequences=96)
+    instance = triton_stub.load_model("codec_parser", stub).TritonPythonModel()
+    with pytest.raises(ValueError, match=r"max_streams=96 must be below.*"
+                                         r"max_candidate_sequences=96"):
+        instance.initialize(args)
 
 
 # --- vit_pruned ------------------------------------------------------------------------------
@@ -305,6 +447,22 @@ def test_llm_prefill_refuses_bad_input_as_invalid_arg(llm, visual, overrides, te
     refused(one(model, llm_request("cam-q", visual, start=True, **overrides)), "INVALID_ARG",
             "'cam-q'", *texts)
     assert len(model.streams) == 0
+
+
+def test_llm_prefill_keeps_no_state_of_a_start_that_failed(llm, visual, monkeypatch):
+    from codecsight.llm import StreamSession
+
+    model = llm()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StreamSession, "step", broken)
+        refused(one(model, llm_request("cam-s", visual, start=True)), "INTERNAL", "'cam-s'")
+    assert len(model.streams) == 0
+    empty = (visual[0][:0], visual[1][:0], visual[2][:0])
+    refused(one(model, llm_request("cam-s", empty)), "NOT_FOUND", "'cam-s'", "START")
 
 
 def test_a_missing_config_parameter_fails_initialize_naming_model_and_key(stub, tiny_dir):

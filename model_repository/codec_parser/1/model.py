@@ -18,7 +18,7 @@ from codecsight.protocol import (ANALYSIS_FPS, AU_BYTES, AU_PTS, CHUNK, CHUNK_SE
                                  POLICY, ROTATION, SOURCE_FPS, STREAM_TOKEN, TIME_JUMP,
                                  WINDOW_SECONDS)
 from codecsight.requests import ParseRequest
-from codecsight.state import StreamStates
+from codecsight.state import ChunkOrder, OrderedStream, StreamStates
 
 MODEL = "codec_parser"
 
@@ -29,8 +29,11 @@ class TritonPythonModel:
         self.geometry = Geometry.from_model_dir(
             params.resolve_model_dir(args["model_repository"], self.params["model_dir"]))
         self.pruning = PruningConfig.from_params(self.params)
+        backend.check_stream_limits(MODEL, args["model_config"],
+                                    self.params["state_ttl_seconds"], self.params["max_streams"])
         self.streams = StreamStates(self.params["state_ttl_seconds"],
-                                    self.params["max_state_bytes"], lambda s: s.nbytes)
+                                    self.params["max_state_bytes"], lambda s: s.nbytes,
+                                    max_streams=self.params["max_streams"])
         self.metrics = ModelMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests):
@@ -51,15 +54,29 @@ class TritonPythonModel:
             rotation=int(backend.scalar(request, ROTATION, pb_utils)),
             time_jump=backend.scalar(request, TIME_JUMP, pb_utils),
         ).validate(self.params["max_chunk_bytes"])
-        seq = req.seq
-        with backend.stream_state(self.streams, seq, lambda: self._new_parser(req)) as parser:
-            result = parser.parse(req.chunk.tobytes(), req.policy or None, final=seq.end,
-                                  au_bytes=req.au_bytes, au_pts=req.au_pts)
-        result.stats.stream, result.stats.active_streams = seq.stream_id, len(self.streams)
+        seq, chunk = req.seq, req.chunk.tobytes()
+        # Only the token bound at START may continue, restart or END the stream.
+        restart = seq.start and self.streams.is_owner(seq.stream_id, req.stream_token)
+        with backend.stream_state(self.streams, seq, lambda: self._new_stream(req),
+                                  owner=req.stream_token) as stream:
+            if stream.order.is_duplicate(seq.stream_id, req.chunk_seq, chunk, seq.end):
+                result = backend.duplicate_result(stream.state, self.geometry, len(chunk))
+            else:
+                result = stream.state.parse(chunk, req.policy or None, final=seq.end,
+                                            au_bytes=req.au_bytes, au_pts=req.au_pts)
+                stream.order.processed(req.chunk_seq, chunk)
+                stream.time_jumps += req.time_jump != 0.0
+        stats = result.stats
+        stats.stream, stats.active_streams = seq.stream_id, len(self.streams)
+        stats.chunk_seq, stats.time_jump = req.chunk_seq, req.time_jump
+        stats.time_jumps, stats.owner_restart = stream.time_jumps, restart
         if not seq.dry_run:
-            self.metrics.observe_parse(result.stats, streams=self.streams)
+            self.metrics.observe_parse(stats, streams=self.streams)
         return backend.response(pb_utils, PATCHES=result.patches, POSITIONS=result.positions,
-                                FRAME_META=result.frame_meta, PARSE_STATS=result.stats)
+                                FRAME_META=result.frame_meta, PARSE_STATS=stats)
+
+    def _new_stream(self, req):
+        return OrderedStream(self._new_parser(req), ChunkOrder(req.chunk_seq))
 
     def _new_parser(self, req):
         # The policy named at START holds for the stream's requests that name none.

@@ -27,6 +27,7 @@ class TritonPythonModel:
         model, tokenizer = checkpoint.load(model_dir)
         self.merge_size = checkpoint.Geometry.from_model_dir(model_dir).merge_size
         self.vlm = VisualLM(model, tokenizer, self.params["max_new_tokens"])
+        backend.check_stream_limits(MODEL, args["model_config"], self.params["state_ttl_seconds"])
         self.streams = StreamStates(self.params["state_ttl_seconds"],
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
         self.metrics = ModelMetrics(pb_utils, args["model_name"])
@@ -58,8 +59,9 @@ class TritonPythonModel:
                                  refresh=req.refresh or self.params["default_refresh"],
                                  anchor_frames=self.params["anchor_refresh_frames"])
 
-        # codec_parser, first in the ensemble, refuses a duplicate START; a copy here may
-        # outlive an eviction there, so a resumed stream replaces it.
+        # codec_parser, first in the ensemble, checks the owner and refuses another's START;
+        # a START that reaches this model is the owner's (a copy here may outlive an eviction
+        # there, or the owner restarts after a crash), so it replaces the stream.
         with backend.stream_state(self.streams, seq, new_session, replace=True) as session:
             frames = split_frames(req.tokens, req.positions, req.frame_meta, self.merge_size)
             answer, stats = session.step(self.vlm, frames, req.question, req.refresh)
