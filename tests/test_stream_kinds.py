@@ -342,3 +342,13 @@ def test_a_720p_camera_is_served_through_the_real_server(grpc, tmp_path):
     assert parse.frames_decoded == 10 and parse.frames_sampled == 2
     assert parse.groups_total == 2 * 24 * 42 and parse.patches_kept == 2 * 24 * 42 * 4
     assert results[-1].answer
+
+
+def test_a_time_that_does_not_advance_is_replaced_by_the_source_rate():
+    frames, times = vfr_clip([(0.0, 10, 2)])
+    units = access_units(frames, times, gop=20)
+    # a sender's clock stalls at 0.3 s for four frames, then runs on
+    units = [(d, min(t, 0.3) if 0.3 <= t < 0.7 else t) for d, t in units]
+    stream = parser(fps=10.0, analysis_fps=10.0, policy="dense")
+    meta = meta_of(send(stream, units, per_chunk=20))
+    assert meta[:, META["time_ms"]].tolist() == [100 * k for k in range(20)]
