@@ -123,6 +123,22 @@ def test_the_jump_notice_goes_to_the_given_callback(tmp_path):
     assert len(told) == 1 and "jumped back 6.000 s" in told[0]
 
 
+def test_a_live_source_keeps_a_gap_it_waited_for_and_removes_one_it_did_not(monkeypatch):
+    from codecsight_client import demux
+
+    clock = [100.0]
+    monkeypatch.setattr(demux.time, "monotonic", lambda: clock[0])
+    told = []
+    timeline = demux._Timeline("rtsp://cam/1", None, 3.0, told.append, 0.0)
+    tenth = Fraction(1, 10)
+    assert timeline.place(Fraction(0), tenth) == (0.0, 0.1, 0.0)
+    clock[0] += 20   # the camera sent nothing for 20 s: a real gap, kept
+    assert timeline.place(Fraction(20), tenth) == (20.0, 20.1, 0.0)
+    clock[0] += 0.1  # its clock leapt 60 s in a tenth of a second: a discontinuity
+    assert timeline.place(Fraction(80), tenth) == (20.1, 20.2, pytest.approx(59.9))
+    assert len(told) == 1 and "rtsp://cam/1" in told[0] and "ahead 59.900 s" in told[0]
+
+
 # -- tracks -------------------------------------------------------------------------------
 
 def test_the_camera_track_is_chosen_over_a_thumbnail_track(tmp_path):
