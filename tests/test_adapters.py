@@ -322,6 +322,21 @@ def test_max_streams_not_below_the_batchers_candidates_refuses_to_load(stub, tin
         instance.initialize(args)
 
 
+def test_the_served_cap_is_below_both_batchers_candidates():
+    """codec_parser checks its own batcher at load; llm_prefill serves the same streams, so
+    its batcher must leave a START over the cap a slot too (it cannot see max_streams)."""
+    import json
+
+    from codecsight import backend
+    from codecsight.params import served_parameters
+
+    cap = served_parameters("codec_parser")["max_streams"]
+    for model in ("codec_parser", "llm_prefill"):
+        config = json.loads(triton_stub.model_args(model)["model_config"])
+        _, candidates = backend.sequence_batching(model, config)
+        assert cap < candidates, (model, cap, candidates)
+
+
 # --- vit_pruned ------------------------------------------------------------------------------
 
 @pytest.fixture
