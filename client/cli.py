@@ -56,11 +56,13 @@ def stream_ids(base: str, count: int) -> list[str]:
     return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
 
 
-def stream_all(client, source: str, args, out=sys.stdout) -> list:
+def stream_all(client, source: str, args, out=None) -> list:
     """Replay source as args.streams concurrent streams; print each window; return all.
 
-    Raises ValueError for an invalid stream ID before anything is read or sent.
+    Raises ValueError for an invalid stream ID before anything is read or sent. out: where
+    lines go (default: sys.stdout as it is at call time, so a redirected stdout is honoured).
     """
+    out = out or sys.stdout
     ids = stream_ids(args.stream_id, args.streams)
     bad = [sid for sid in ids if not P.STREAM_ID_PATTERN.match(sid)]
     if bad:
@@ -112,8 +114,10 @@ def stream_all(client, source: str, args, out=sys.stdout) -> list:
     return results
 
 
-def summarize(results: list, info, out=sys.stdout) -> dict:
-    """Print and return totals: bytes sent against raw RGB, patches kept, latency."""
+def summarize(results: list, info, out=None) -> dict:
+    """Print (to out, default sys.stdout) and return totals: bytes sent against raw RGB,
+    patches kept, latency."""
+    out = out or sys.stdout
     windows = [w for stream in results for w in stream]
     sampled = sum(w.parse.frames_sampled for w in windows)
     summary = {

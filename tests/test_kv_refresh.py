@@ -259,9 +259,10 @@ def load_model(tiny_dir):
     pb.InferenceResponse = FakeResponse
     module = triton_stub.load_model("llm_prefill", pb)
 
-    def load(**params):
+    def load(sequence_idle_s=None, **params):
         model = module.TritonPythonModel()
         model.initialize(triton_stub.model_args("llm_prefill", model_dir=tiny_dir,
+                                                sequence_idle_s=sequence_idle_s,
                                                 max_new_tokens=4, **params))
         return model
 
@@ -314,7 +315,8 @@ def test_an_evicted_stream_gets_an_error_naming_it_and_saying_to_restart(load_mo
 
 
 def test_an_idle_stream_is_evicted_after_the_ttl(load_model):
-    model = load_model(state_ttl_seconds=0.05)
+    # The TTL may not be shorter than the batcher's idle timeout: shorten both.
+    model = load_model(state_ttl_seconds=0.05, sequence_idle_s=0.05)
     run(model, [FakeRequest("cam-idle", clip_frames(2), start=True)])
     time.sleep(0.1)
     gone = run(model, [FakeRequest("cam-idle", [])])[0]

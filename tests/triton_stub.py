@@ -172,9 +172,11 @@ def load_model(model: str, pb: types.ModuleType) -> types.ModuleType:
     return module
 
 
-def model_args(model: str, config_name: str | None = None, **parameters) -> dict:
+def model_args(model: str, config_name: str | None = None, sequence_idle_s: float | None = None,
+               **parameters) -> dict:
     """initialize()'s args as Triton builds them from the served config (configs/<name>.pbtxt
-    where config_name names one), with the given parameters replaced (values as strings)."""
+    where config_name names one), with the given parameters replaced (values as strings) and,
+    given sequence_idle_s, the sequence batcher's idle timeout."""
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -184,6 +186,8 @@ def model_args(model: str, config_name: str | None = None, **parameters) -> dict
                                model_config_pb2.ModelConfig())
     for key, value in parameters.items():
         config.parameters[key].string_value = str(value)
+    if sequence_idle_s is not None:
+        config.sequence_batching.max_sequence_idle_microseconds = round(sequence_idle_s * 1e6)
     return {"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
             "model_name": model, "model_version": "1",
             "model_repository": str(REPOSITORY / model)}
