@@ -48,3 +48,33 @@ def grpc(server):
     from codecsight_client.stream import connect
 
     return connect(server.grpc_url)
+
+
+# A second server whose codec_parser admits CAPPED_STREAMS streams, with one spare sequence
+# slot per batcher (CAPPED_SLOTS): for the admission tests of the client and the server.
+CAPPED_STREAMS, CAPPED_SLOTS = 2, 3
+
+
+@pytest.fixture(scope="session")
+def capped_server(tmp_path_factory):
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from codecsight.serve import DEFAULT_MODEL_DIR, TritonServer, build, render_repository
+
+    source = build()
+    dest = render_repository(source, tmp_path_factory.mktemp("capped") / "repository",
+                             DEFAULT_MODEL_DIR)
+    shutil.copy(source / "vit_pruned" / "1" / "model.onnx", dest / "vit_pruned" / "1")
+    for model in ("codec_parser", "llm_prefill"):
+        path = dest / model / "config.pbtxt"
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        config.sequence_batching.oldest.max_candidate_sequences = CAPPED_SLOTS
+        if model == "codec_parser":
+            config.parameters["max_streams"].string_value = str(CAPPED_STREAMS)
+        path.write_text(text_format.MessageToString(config))
+    log = tmp_path_factory.mktemp("capped-log") / "tritonserver.log"
+    with TritonServer(dest, log_path=log) as server:
+        yield server

@@ -2,8 +2,6 @@
 owner tokens and chunk numbers. Each test builds its input with PyAV/libx264."""
 import dataclasses
 import json
-import re
-import shutil
 import stat
 import time
 from fractions import Fraction
@@ -392,34 +390,26 @@ def test_an_end_without_the_token_is_refused_and_the_owner_carries_on(grpc, clip
 
 
 @pytest.fixture(scope="module")
-def capped_grpc(tmp_path_factory):
-    """A real tritonserver whose codec_parser admits one stream (max_streams=1)."""
-    from codecsight.serve import REPO_ROOT, TritonServer, build
+def capped_grpc(capped_server):
+    """A real tritonserver whose codec_parser admits two streams (conftest's capped_server)."""
     from codecsight_client.stream import connect
 
-    root = tmp_path_factory.mktemp("capped")
-    repo = shutil.copytree(build(), root / "model_repository",
-                           ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "models").symlink_to(REPO_ROOT / "models")   # model_dir is ../models/...
-    config = repo / "codec_parser" / "config.pbtxt"
-    text, count = re.subn(r'(key: "max_streams"\s+value: \{ string_value: )"\d+"', r'\1"1"',
-                          config.read_text())
-    assert count == 1, "codec_parser's config.pbtxt has no max_streams parameter"
-    config.write_text(text)
-    with TritonServer(repo, log_path=root / "tritonserver.log") as srv:
-        yield connect(srv.grpc_url)
+    return connect(capped_server.grpc_url)
 
 
 def test_a_start_over_the_cap_is_a_clear_error_at_once(capped_grpc, clip_chunks, tmp_path):
     first = small_stream(capped_grpc, "cap-a", "token-a")
     first.send(clip_chunks[0])
+    full = small_stream(capped_grpc, "cap-full", "token-full")   # the cap is two streams
+    full.send(clip_chunks[0])
     told = []
     second = small_stream(capped_grpc, "cap-b", "token-b", reconnect_s=60)
     second.notice = told.append
     t0 = time.monotonic()
-    with pytest.raises(StreamRefused, match=r"'cap-b'.*refused.*max_streams=1"):
+    with pytest.raises(StreamRefused, match=r"'cap-b'.*refused.*max_streams=2"):
         second.send(clip_chunks[0])
     assert time.monotonic() - t0 < 10 and told == []   # no reconnect loop
     first.send(clip_chunks[1], last=True)              # a slot frees: cap-b now gets in
     again = small_stream(capped_grpc, "cap-b", "token-b")
     assert again.send(clip_chunks[0], last=True).answer
+    full.send(clip_chunks[1], last=True)

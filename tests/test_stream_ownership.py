@@ -13,7 +13,6 @@ What Triton's sequence batcher does (tritonserver 2.51, checked here):
   cancellation on); the END the client sends after giving up queues behind it and frees
   whatever it made.
 """
-import shutil
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ import uuid
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from codecsight.serve import DEFAULT_MODEL_DIR, REPO_ROOT, TritonServer, build, render_repository
+from codecsight.serve import REPO_ROOT
 from codecsight_client.demux import iter_chunks, probe
 from codecsight_client.stream import StreamClient, StreamSettings, connect, state_lost
 
@@ -156,30 +155,14 @@ def test_a_gap_is_refused_naming_the_chunk_expected(grpc, chunks):
 
 # --- admission ------------------------------------------------------------------------------
 
-MAX_STREAMS, SLOTS = 2, 3
+MAX_STREAMS = 2   # conftest.CAPPED_STREAMS: the capped_server fixture's cap
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory):
-    """A gRPC client of a second server whose codec_parser admits MAX_STREAMS streams, with
-    SLOTS sequence slots per batcher (one spare)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    source = build()
-    dest = render_repository(source, tmp_path_factory.mktemp("capped") / "repository",
-                             DEFAULT_MODEL_DIR)
-    shutil.copy(source / "vit_pruned" / "1" / "model.onnx", dest / "vit_pruned" / "1")
-    for model in ("codec_parser", "llm_prefill"):
-        path = dest / model / "config.pbtxt"
-        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-        config.sequence_batching.oldest.max_candidate_sequences = SLOTS
-        if model == "codec_parser":
-            config.parameters["max_streams"].string_value = str(MAX_STREAMS)
-        path.write_text(text_format.MessageToString(config))
-    log = tmp_path_factory.mktemp("capped-log") / "tritonserver.log"
-    with TritonServer(dest, log_path=log) as server:
-        yield connect(server.grpc_url)
+def capped(capped_server):
+    """A gRPC client of the session's second server, whose codec_parser admits MAX_STREAMS
+    streams with one spare sequence slot per batcher."""
+    return connect(capped_server.grpc_url)
 
 
 def test_a_camera_over_the_cap_is_refused_at_once_and_admitted_after_one_ends(capped, chunks):
