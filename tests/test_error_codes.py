@@ -4,18 +4,16 @@ A program acts on `InferenceServerException.status()`, never on message text; th
 exception is the sequence batcher's own answer to a sequence it does not know (it answers
 before any model runs, with INVALID_ARGUMENT and "must specify the START flag").
 """
-import uuid
 
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from codecsight.serve import REPO_ROOT
-from codecsight_client.demux import iter_chunks, probe
-from codecsight_client.stream import StreamClient, StreamSettings, state_lost
+from codecsight_client.demux import iter_chunks
+from codecsight_client.stream import StreamClient, state_lost
+from streams import CLIP, clip_settings, new_id
 
 pytestmark = pytest.mark.server
 
-CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +21,9 @@ def chunks():
     return [c.data for c in iter_chunks(CLIP, 4.0)][:2]
 
 
-def settings(**overrides):
-    info = probe(CLIP)
-    values = dict(question="is anyone moving?", codec=info.codec, source_fps=info.fps,
-                  analysis_fps=1.0, window_seconds=4.0)
-    return StreamSettings(**{**values, **overrides})
-
-
-def new_id(name):
-    return f"{name}-{uuid.uuid4().hex[:6]}"
-
-
 def error_of(grpc, stream_id, chunk, start, end=False, **overrides) -> InferenceServerException:
     """The error the ensemble answers one raw request with (no resume, no retry)."""
-    stream = StreamClient(grpc, stream_id, settings(**overrides), reconnect_s=0)
+    stream = StreamClient(grpc, stream_id, clip_settings(**overrides), reconnect_s=0)
     stream.started = not start
     with pytest.raises(InferenceServerException) as info:
         stream.send_once(chunk, end)
@@ -46,7 +33,7 @@ def error_of(grpc, stream_id, chunk, start, end=False, **overrides) -> Inference
 
 def test_a_duplicate_start_is_already_exists(grpc, chunks):
     sid = new_id("dup")
-    StreamClient(grpc, sid, settings()).send(chunks[0])
+    StreamClient(grpc, sid, clip_settings()).send(chunks[0])
     error = error_of(grpc, sid, chunks[0], start=True)
     assert error.status() == "StatusCode.ALREADY_EXISTS"
     assert not state_lost(error)
@@ -88,7 +75,7 @@ def test_the_client_resumes_a_stream_the_server_lost_from_its_code(grpc, chunks)
     # Its START was refused before codec_parser kept anything: the next request is a
     # NOT_FOUND, and the client restarts the stream with START.
     assert error_of(grpc, sid, b"", start=True).status() == "StatusCode.INVALID_ARGUMENT"
-    stream = StreamClient(grpc, sid, settings(), notice=notices.append)
+    stream = StreamClient(grpc, sid, clip_settings(), notice=notices.append)
     stream.started = True
     window = stream.send(chunks[1], last=True)
     assert stream.resumes == 1 and window.answer

@@ -5,19 +5,13 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from codecsight_client.stream import StreamClient, StreamSettings, connect
-from codecsight_client.demux import iter_chunks, probe
-from codecsight.serve import REPO_ROOT, TritonServer, free_port
+from codecsight_client.stream import StreamClient, connect
+from codecsight_client.demux import iter_chunks
+from codecsight.serve import TritonServer, free_port
+from streams import CLIP, clip_settings
 
 pytestmark = pytest.mark.server
 
-CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
-
-
-def settings():
-    info = probe(CLIP)
-    return StreamSettings(question="is anyone moving?", codec=info.codec, source_fps=info.fps,
-                          analysis_fps=1.0, window_seconds=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
     # (serve.EXIT_TIMEOUT_S) for it to end, which this one never does: shut down after 1 s.
     with TritonServer(repository, log_path=tmp_path / "first.log",
                       extra_args=("--exit-timeout-secs=1",), **ports) as server:
-        stream = StreamClient(connect(server.grpc_url), sid, settings(), reconnect_s=30,
+        stream = StreamClient(connect(server.grpc_url), sid, clip_settings(), reconnect_s=30,
                               notice=notices.append)
         before = [stream.send(c) for c in chunks[:2]]
         first_regions = server.shm_prefix + "*"
@@ -52,7 +46,7 @@ def test_after_a_server_restart_the_client_resumes_its_stream_with_start(reposit
     assert not list(Path("/dev/shm").glob(first_regions))
     with TritonServer(repository, log_path=tmp_path / "second.log", **ports) as server:
         # A client that does not resume gets an error naming the stream and the fix.
-        naive = StreamClient(connect(server.grpc_url), sid, settings())
+        naive = StreamClient(connect(server.grpc_url), sid, clip_settings())
         naive.started = True   # a continuation, with no resume or retry
         with pytest.raises(InferenceServerException, match=rf"sequence {sid}.*START"):
             naive.send_once(chunks[2])

@@ -263,7 +263,7 @@ def test_an_all_intra_stream_keeps_the_moving_boxes_under_codec():
     stream = parser(policy="codec")
     result = stream.parse(encode_h264(frames, 10.0, gop=1), final=True)
     assert set(result.stats.frame_types) == {"I"}
-    assert result.stats.policy_fallback.startswith(f"no P/B-frames for")
+    assert result.stats.policy_fallback.startswith("no P/B-frames for")
     for k, index in ((1, 5), (2, 10), (3, 15), (4, 20)):
         keep = result.keep[k]
         assert result.whole_frame[k] is None and 0 < keep.mean() < 0.5

@@ -15,18 +15,16 @@ What Triton's sequence batcher does (tritonserver 2.51, checked here):
 """
 import threading
 import time
-import uuid
 
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from codecsight.serve import REPO_ROOT
-from codecsight_client.demux import iter_chunks, probe
-from codecsight_client.stream import StreamClient, StreamSettings, connect, state_lost
+from codecsight_client.demux import iter_chunks
+from codecsight_client.stream import StreamClient, connect, state_lost
+from streams import CLIP, clip_settings, new_id
 
 pytestmark = pytest.mark.server
 
-CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +33,8 @@ def chunks():
     return list(iter_chunks(CLIP, 2.0))[:4]
 
 
-def settings(**overrides):
-    info = probe(CLIP)
-    values = dict(question="is anyone moving?", codec=info.codec, source_fps=info.fps,
-                  analysis_fps=1.0, window_seconds=4.0)
-    return StreamSettings(**{**values, **overrides})
-
-
-def new_id(name):
-    return f"{name}-{uuid.uuid4().hex[:6]}"
-
-
 def camera(grpc, stream_id, token, notices=None, **overrides):
-    return StreamClient(grpc, stream_id, settings(**overrides), reconnect_s=0, token=token,
+    return StreamClient(grpc, stream_id, clip_settings(**overrides), reconnect_s=0, token=token,
                         notice=(notices.append if notices is not None else lambda m: None))
 
 

@@ -1,0 +1,32 @@
+"""What the server tests send: the bundled clip, stream settings for it, unique stream IDs.
+
+Every server test shares one tritonserver, so each stream gets an ID no other test uses.
+"""
+from __future__ import annotations
+
+import functools
+import uuid
+
+from codecsight.serve import REPO_ROOT
+from codecsight_client.demux import probe
+from codecsight_client.stream import StreamSettings
+
+CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
+
+
+@functools.lru_cache(maxsize=None)
+def _probed(path: str):
+    return probe(path)
+
+
+def clip_settings(path: str = CLIP, **overrides) -> StreamSettings:
+    """StreamSettings for a clip (its codec and rate), 1 fps, 4 s windows; overrides win."""
+    info = _probed(str(path))
+    values = dict(question="is anyone moving?", codec=info.codec, source_fps=info.fps,
+                  analysis_fps=1.0, window_seconds=4.0)
+    return StreamSettings(**{**values, **overrides})
+
+
+def new_id(name: str) -> str:
+    """A stream ID no other test uses: name plus a random suffix."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
