@@ -8,6 +8,8 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import os
+import signal
 import sys
 import threading
 
@@ -98,14 +100,29 @@ def stream_all(client, source: str, args, out=None) -> list:
             print(f"codecsight-client: stream {sid!r}: {message}", file=sys.stderr, flush=True)
         chunks = iter_chunks(source, stride, video_track=info.track, notice=notice)
         try:
-            return run_stream(client, sid, settings, chunks, show, token=tokens[sid])
+            return run_stream(client, sid, settings, chunks, show, token=tokens[sid],
+                              stop=stop)
         except StreamRefused as e:
             # Stop this stream only; the others carry on.
             print(f"codecsight-client: {e}", file=sys.stderr, flush=True)
             return e
 
+    stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
-        outcomes = list(pool.map(run, ids))
+        futures = [pool.submit(run, sid) for sid in ids]
+        while True:
+            try:
+                concurrent.futures.wait(futures)
+                break
+            except KeyboardInterrupt:
+                # The first Ctrl-C (or SIGTERM) ends every stream with END and keeps what was
+                # answered; the stream threads see it at their next chunk.
+                if stop.is_set():
+                    raise
+                stop.set()
+                print("codecsight-client: stopping: ending every stream with END "
+                      "(interrupt again to quit at once)", file=sys.stderr, flush=True)
+        outcomes = [f.result() for f in futures]
     results = [r for r in outcomes if not isinstance(r, Exception)]
     summarize(results, info, out)
     failed = [r for r in outcomes if isinstance(r, Exception)]
@@ -150,6 +167,10 @@ def write_json(path: str, results: list) -> None:
         json.dump(records, f, indent=1)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="codecsight-client", description=__doc__)
     parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
@@ -163,11 +184,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     client = connect(args.url, ssl=args.ssl, root_certificates=args.root_certificates,
                      private_key=args.private_key, certificate_chain=args.certificate_chain)
+    on_main = threading.current_thread() is threading.main_thread()
+    # SIGTERM stops like Ctrl-C (a signal handler can only be set on the main thread).
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         results = stream_all(client, args.source, args)
+    except KeyboardInterrupt:
+        # A second interrupt: quit at once; the server's TTL frees what is left.
+        print("codecsight-client: interrupted again: quitting without END", file=sys.stderr)
+        os._exit(130)
     except Exception as e:  # tritonclient raises InferenceServerException with the server's text
         print(f"codecsight-client: {e}", file=sys.stderr)
         return 1
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         write_json(args.json, results)
     return 0

@@ -11,6 +11,7 @@ import hmac
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -334,15 +335,19 @@ class StreamClient:
 
 
 def run_stream(client, stream_id: str, settings: StreamSettings, chunks, on_window=None, *,
-               token: str | None = None):
+               token: str | None = None, stop: threading.Event | None = None):
     """Send every chunk of an iterable as one stream (END on the last); returns the windows.
 
-    token: the stream's owner token (default: a random one for this run).
+    token: the stream's owner token (default: a random one for this run). stop: once set,
+    the chunk in hand is sent with END and the stream ends there (Ctrl-C, SIGTERM), so the
+    server frees its state at once.
     Raises StreamRefused if the server refuses to open the stream.
     """
     stream = StreamClient(client, stream_id, settings, token=token)
     results, pending = [], None
     for chunk in chunks:
+        if stop is not None and stop.is_set():
+            break
         if pending is not None:
             results.append(stream.send(pending))
             if on_window:

@@ -2,8 +2,12 @@
 owner tokens and chunk numbers. Each test builds its input with PyAV/libx264."""
 import dataclasses
 import json
+import signal
 import stat
+import subprocess
+import sys
 import time
+import uuid
 from fractions import Fraction
 
 import av
@@ -12,6 +16,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from codecsight import protocol as P
+from streams import CLIP as CAR
 from codecsight.tools.synth import encode_h264, moving_boxes
 from codecsight_client.demux import (display_rotation, iter_chunks, nal_units, probe,
                                      select_video_stream)
@@ -413,3 +418,32 @@ def test_a_start_over_the_cap_is_a_clear_error_at_once(capped_grpc, clip_chunks,
     again = small_stream(capped_grpc, "cap-b", "token-b")
     assert again.send(clip_chunks[0], last=True).answer
     full.send(clip_chunks[1], last=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_every_stream_with_end_and_keeps_the_answers(server, tmp_path,
+                                                                             signum):
+    """The first interrupt sends the chunk in hand with END, writes what was answered and
+    exits 0; the server holds nothing for the stream afterwards."""
+    sid = f"cam-sig-{signum}-{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "windows.json"
+    client = subprocess.Popen(
+        [sys.executable, "-m", "codecsight_client.cli", str(CAR), "--url", server.grpc_url,
+         "--stream-id", sid, "--stride-seconds", "2", "--policy", "dense",
+         "--token-file", str(tmp_path / "secret"), "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in client.stdout:        # the first answered window
+        if line.startswith(f"[{sid}] window"):
+            break
+    client.send_signal(signum)
+    stdout, stderr = client.communicate(timeout=120)
+    assert client.returncode == 0, stderr
+    assert "ending every stream with END" in stderr
+    windows = json.loads(out.read_text())
+    assert 1 <= len(windows) < 15               # the 30 s clip has 16 two-second chunks
+    # Ended: another owner may START the same ID at once (it would be ALREADY_EXISTS).
+    from codecsight_client.stream import connect
+
+    other = StreamClient(connect(server.grpc_url), sid, StreamSettings(source_fps=12.5),
+                         token="another owner")
+    assert other.send(next(iter_chunks(str(CAR), 2.0)), last=True).parse.frames_decoded > 0
