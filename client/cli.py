@@ -78,7 +78,7 @@ def stream_all(client, source: str, args, out=None) -> list:
     tokens = {sid: stream_token(sid, getattr(args, "token_file", None)) for sid in ids}
     stride = defaults.stride_seconds(args.window_seconds, args.stride_seconds)
     lock = threading.Lock()
-    rotated = f", shown rotated {info.rotation} degrees" if info.rotation else ""
+    rotated = f", shown rotated {info.rotation} degrees clockwise" if info.rotation else ""
     print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps{rotated}; "
           f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "
           f"analysis {args.fps:g} fps, window {args.window_seconds:g} s, stride {stride:g} s",

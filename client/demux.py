@@ -127,15 +127,17 @@ def select_video_stream(container, source: str, video_track: int | None = None,
     if video_track is not None:
         chosen = [st for st in container.streams if st.index == video_track]
         if not chosen or chosen[0].type != "video":
-            raise ValueError(f"{source}: stream #{video_track} is not a video stream "
-                             f"(streams: {streams}); choose another --video-track")
+            what = "is not a video stream" if chosen else "does not exist"
+            raise ValueError(f"{source}: stream #{video_track} {what} (streams: {streams}); "
+                             "choose another --video-track")
         return chosen[0]
     real = [st for st in container.streams.video if _is_real_video(st)]
     if not real:
         what = "no video stream" if not container.streams.video else \
             "no video stream other than attached pictures or thumbnails"
-        raise ValueError(f"{source}: {what} found (streams: {streams}); give a video file or "
-                         "camera URL, or choose a stream with --video-track")
+        hint = "give a video file or camera URL" if not container.streams.video else \
+            "choose one of its video streams with --video-track if it is the camera's"
+        raise ValueError(f"{source}: {what} found (streams: {streams}); {hint}")
     # Matroska marks every track default unless told otherwise, so "default" decides only
     # when it tells the tracks apart; size decides among the rest.
     default = [st for st in real if _has_disposition(st, "default")]

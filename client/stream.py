@@ -319,6 +319,9 @@ class StreamClient:
             parse=P.ParseStats.from_json(P.read_string(result.as_numpy(P.PARSE_STATS))),
             llm=P.LlmStats.from_json(P.read_string(result.as_numpy(P.LLM_STATS))))
         self.windows += 1
+        if window.parse.owner_restart:
+            self.notice(f"stream {self.stream_id!r}: took the stream back from an earlier "
+                        "session with the same stream ID and client secret (a restart)")
         return window
 
     def _remember(self, units: list[tuple[bytes, float]]) -> None:

@@ -182,6 +182,9 @@ def failure(pb_utils, model: str, request, exc: Exception) -> object:
     error goes back, and the model carries on with its other requests and streams.
     """
     if isinstance(exc, StreamError):
+        # A refusal is the client's business, but the operator's too: another client's
+        # token, an out-of-order chunk or a flood of bad input leave a trace in the log.
+        pb_utils.Logger.log_warn(f"{model}: refused ({exc.code}): {exc}")
         return error(pb_utils, f"{model}: {exc}", exc.code)
     stream = request.correlation_id()
     pb_utils.Logger.log_error(f"{model}: stream {stream!r}: unexpected error\n"

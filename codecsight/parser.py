@@ -137,10 +137,12 @@ class StreamParser:
                 self._fitting_shapes.add(shape)
             except PictureTooLarge as e:
                 self.refused_shapes.add(shape)
-                raise InvalidRequest(self.stream_id, f"{e}; frames of this size are skipped "
-                                     "(send a smaller or less elongated picture, or raise "
+                raise InvalidRequest(self.stream_id, f"{e}; this stream is refused (a "
+                                     "later frame of this size would be skipped): send a "
+                                     "less elongated picture, or a smaller one, or raise "
                                      "codec_parser's max_pixels and vit_pruned's "
-                                     "max_patches together)") from e
+                                     "max_patches together if the picture is merely large"
+                                     ) from e
         if not self.refused_shapes:
             return frames
         return [f for f in frames if (f.width, f.height) not in self.refused_shapes]

@@ -168,9 +168,12 @@ class ChunkOrder:
     other number out of line is a gap or a reorder that the decoder cannot make sense of.
     """
 
-    def __init__(self, first: int):
+    def __init__(self, first: int, owner_restart: bool = False):
+        """first: START's number. owner_restart: this START replaced the owner's still-active
+        stream (a restarted client), so a late chunk of the old session is told why."""
         self.next = first             # the number the next new chunk must carry
         self._last_digest: bytes | None = None
+        self._restarted_at = time.monotonic() if owner_restart else None
 
     @staticmethod
     def digest(chunk: bytes) -> bytes:
@@ -193,9 +196,13 @@ class ChunkOrder:
             raise InvalidRequest(stream_id, f"chunk {seq} was already processed with other "
                                  f"bytes; the next chunk must be number {self.next}")
         what = "a gap: chunks are missing" if seq > self.next else "out of order or repeated"
+        why = "" if self._restarted_at is None else (
+            f"; the stream was restarted {time.monotonic() - self._restarted_at:.0f} s ago by a "
+            "START carrying its owner's token: is another process streaming with the same "
+            "stream ID and client secret?")
         raise InvalidRequest(stream_id, f"chunk {seq} is {what}; expected chunk {self.next} "
                              "(CHUNK_SEQ is +1 per request after START's); restart the stream "
-                             "with START to resynchronise")
+                             f"with START to resynchronise{why}")
 
     def processed(self, seq: int, chunk: bytes) -> None:
         """Record that chunk number seq was decoded: the next one is seq + 1."""

@@ -490,3 +490,24 @@ def test_a_missing_config_parameter_fails_initialize_naming_model_and_key(stub, 
     model = triton_stub.load_model("llm_prefill", stub).TritonPythonModel()
     with pytest.raises(ValueError, match=r"'llm_prefill'.*lacks.*\['max_new_tokens'\]"):
         model.initialize(args)
+
+
+def test_a_late_chunk_of_a_session_its_owner_restarted_says_why_it_is_refused(parser, chunks):
+    """Two processes with one stream ID and one client secret: the second's START takes the
+    stream over; the first's next chunk is refused as out of order, saying so."""
+    model = parser()
+    assert one(model, parse_request("cam-twice", chunks[0], start=True)).error is None
+    assert one(model, parse_request("cam-twice", chunks[1], chunk_seq=1)).error is None
+    restarted = one(model, parse_request("cam-twice", chunks[0], start=True))
+    assert restarted.error is None and restarted.json("PARSE_STATS")["owner_restart"]
+    refused(one(model, parse_request("cam-twice", chunks[1], chunk_seq=2)), "INVALID_ARG",
+            "expected chunk 1", "restarted", "same stream ID and client secret")
+
+
+def test_a_refusal_leaves_a_warning_in_the_log_naming_the_stream(parser, chunks, stub):
+    model = parser()
+    one(model, parse_request("cam-logged", chunks[0], start=True))
+    one(model, parse_request("cam-logged", chunks[1], chunk_seq=1, token="not the owner"))
+    warnings = [m for level, m in stub.Logger.records if level == "warn"]
+    assert any("refused (INVALID_ARG)" in m and "'cam-logged'" in m and "STREAM_TOKEN" in m
+               for m in warnings), warnings

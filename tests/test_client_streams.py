@@ -159,7 +159,7 @@ def test_video_track_chooses_another_stream(tmp_path):
     info = probe(str(path), video_track=0)
     assert (info.track, info.width, info.height) == (0, 32, 32)
     assert sum(c.packets for c in iter_chunks(str(path), 1.0, video_track=0)) == 1
-    with pytest.raises(ValueError, match=r"stream #5 is not a video stream.*#1 video h264"):
+    with pytest.raises(ValueError, match=r"stream #5 does not exist.*#1 video h264"):
         probe(str(path), video_track=5)
 
 

@@ -57,7 +57,7 @@ class TritonPythonModel:
         seq, chunk = req.seq, req.chunk.tobytes()
         # Only the token bound at START may continue, restart or END the stream.
         restart = seq.start and self.streams.is_owner(seq.stream_id, req.stream_token)
-        with backend.stream_state(self.streams, seq, lambda: self._new_stream(req),
+        with backend.stream_state(self.streams, seq, lambda: self._new_stream(req, restart),
                                   owner=req.stream_token) as stream:
             if stream.order.is_duplicate(seq.stream_id, req.chunk_seq, chunk, seq.end):
                 result = backend.duplicate_result(stream.state, self.geometry, len(chunk))
@@ -75,8 +75,8 @@ class TritonPythonModel:
         return backend.response(pb_utils, PATCHES=result.patches, POSITIONS=result.positions,
                                 FRAME_META=result.frame_meta, PARSE_STATS=stats)
 
-    def _new_stream(self, req):
-        return OrderedStream(self._new_parser(req), ChunkOrder(req.chunk_seq))
+    def _new_stream(self, req, owner_restart: bool = False):
+        return OrderedStream(self._new_parser(req), ChunkOrder(req.chunk_seq, owner_restart))
 
     def _new_parser(self, req):
         # The policy named at START holds for the stream's requests that name none.
