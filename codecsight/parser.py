@@ -224,8 +224,12 @@ class StreamParser:
         kept_groups = int(meta[:, META["kept_groups"]].sum())
         codec_frames = [s for s in signals if s.intra_share is not None]
         errors = self.decoder.errors - errors_before
+        served = self.masks.picture_for(*self.frame_shape[::-1]) \
+            if sampled and self.frame_shape else None
         stats = ParseStats(
             whole_frame_seconds=self.config.whole_frame_seconds,
+            served_size=[served.width, served.height] if served else None,
+            rotation=self.masks.rotation,
             policy=applied, policy_requested=requested, codec=self.codec,
             chunk_bytes=len(chunk), frames_decoded=decoded, frames_sampled=sampled,
             frame_types=frame_types,

@@ -243,6 +243,9 @@ class ParseStats(_WireStats):
     decode_error: str | None = None  # the last decoder error, when decode_errors > 0
     note: str | None = None          # why a chunk with video decoded (or kept) no frame
     whole_frame_seconds: float | None = None  # the stream's effective whole-frame timer
+    served_size: list | None = None  # [width, height] px the last sampled frame was served
+    #                                  at: upright, scaled to max_pixels (before padding)
+    rotation: int = 0                # degrees clockwise the frames were turned upright
     stream: str | int | None = None  # set by the model: the stream (sequence) ID
     active_streams: int | None = None  # set by the model: streams this instance holds
     chunk_seq: int | None = None     # set by the model: the request's CHUNK_SEQ

@@ -107,6 +107,7 @@ def test_hd_streams_serve_within_max_patches(width, height):
     meta = result.frame_meta
     assert result.stats.frames_decoded == 4 and len(meta) == 1
     assert (meta[0, META["grid_h"]], meta[0, META["grid_w"]]) == (24, 42)
+    assert result.stats.served_size == [1176, 672] and result.stats.rotation == 0
     assert len(result.patches) == 24 * 42 * 4 <= MAX_PIXELS // 196
     assert result.positions[:, 1].max() == 47 and result.positions[:, 2].max() == 83
 
@@ -217,6 +218,7 @@ def test_rotated_frames_are_turned_upright_pixels_and_motion():
     result = stream.parse(data, final=True)
     picture = stream.masks.picture
     assert (picture.width, picture.height) == (64, 96)       # 64 wide, 96 tall upright
+    assert result.stats.served_size == [64, 96] and result.stats.rotation == 90
     assert result.keep[0].shape == (4, 3)                    # 112x84 padded: 4 rows, 3 cols
     # the codec's flags land where the box is in the upright picture: a box at source
     # (x 60-84, y 8-62) is at upright rows 60-84 (source x), columns 64-1-y
