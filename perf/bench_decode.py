@@ -224,7 +224,8 @@ def main(argv=None) -> int:
             print(table(name, report["clips"][name]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        # numpy scalars (frame counts, PSNR) become plain numbers
+        args.json.write_text(json.dumps(report, indent=1, default=lambda x: x.item()))
         print(f"wrote {args.json}")
     return 0
 

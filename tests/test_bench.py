@@ -29,7 +29,8 @@ def perf_tools():
     sys.path.insert(0, str(PERF))
     try:
         yield {name: importlib.import_module(name) for name in
-               ("make_inputs", "perf_analyzer", "run_locust", "streams_sustained", "results")}
+               ("make_inputs", "perf_analyzer", "run_locust", "streams_sustained", "results",
+                "bench_decode")}
     finally:
         sys.path.remove(str(PERF))
 
@@ -182,6 +183,24 @@ PA_STDOUT = """
       Inference count: 12
       Avg request latency: 196324 usec (overhead 4 usec + queue 31571 usec + compute input 662 usec + compute infer 163631 usec + compute output 455 usec)
 """
+
+
+def test_the_decode_benchmark_compares_every_setting_with_plain_decoding(perf_tools, tmp_path):
+    """perf/bench_decode.py on a short generated clip: every setting measured in one run,
+    ratios against plain decoding, and the loop filter skips keep types and vectors."""
+    out = tmp_path / "decode.json"
+    clip = perf_tools["bench_decode"].generated_clip(tmp_path)
+    assert perf_tools["bench_decode"].main([str(clip), "--repeats", "1", "--chunk-seconds",
+                                            "2", "--json", str(out)]) == 0
+    (rows,) = [c["settings"] for c in json.loads(out.read_text())["clips"].values()]
+    assert {"plain", "mvs"} <= set(rows) and rows["plain"]["cpu_vs_plain"] == 1.0
+    frames = {r["frames"] for r in rows.values()}
+    assert len(frames) == 1 and frames.pop() > 0          # every setting decoded every frame
+    for name, row in rows.items():
+        assert row["cpu_ms_per_frame"] > 0 and row["decode_errors"] == 0, name
+        assert row["types_equal_mvs"], name
+        if name != "plain":
+            assert row["vectors_equal_mvs"], name
 
 
 def test_perf_analyzer_output_gives_the_composing_model_breakdown(perf_tools):
