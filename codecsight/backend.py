@@ -111,30 +111,6 @@ def check_stream_limits(model: str, model_config: str | dict, state_ttl_seconds:
             "max_candidate_sequences (here and in llm_prefill)")
 
 
-def duplicate_result(parser, geometry, chunk_bytes: int):
-    """codec_parser's answer to an exact re-send of the chunk it processed last: no frame,
-    no patch (patches float32 [0, patch_dim], positions int64 [0, 3], frame_meta int64
-    [0, 7]), stats with duplicate_chunk set, so llm_prefill answers its unchanged window.
-
-    parser: the stream's StreamParser (its policy and codec name the stats); geometry:
-    checkpoint.Geometry; chunk_bytes: the re-sent chunk's size.
-    """
-    from codecsight.parser import ParseResult   # the parser's process only: PyAV behind it
-    from codecsight.protocol import FRAME_META_COLUMNS, ParseStats
-
-    policy, _ = parser.resolve_policy(None)
-    stats = ParseStats(
-        policy=policy, policy_requested=parser.policy, codec=parser.codec,
-        chunk_bytes=chunk_bytes, frames_decoded=0, frames_sampled=0, frame_types="",
-        patches_kept=0, patches_total=0, groups_kept=0, groups_total=0, kept_share=None,
-        groups_kept_per_frame=[], groups_flagged_by_codec=None, whole_frames={},
-        intra_share=None, moving_share=None, decode_errors=0, decode_ms=0.0, signals_ms=0.0,
-        select_ms=0.0, convert_ms=0.0, patchify_ms=0.0, parser_ms=0.0,
-        whole_frame_seconds=parser.config.whole_frame_seconds, duplicate_chunk=True)
-    return ParseResult(np.zeros((0, geometry.patch_dim), np.float32), np.zeros((0, 3), np.int64),
-                       np.zeros((0, len(FRAME_META_COLUMNS)), np.int64), stats)
-
-
 def array(request, name: str, pb_utils) -> np.ndarray:
     """An input as numpy with the leading batch dimension (always 1 here) removed."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)

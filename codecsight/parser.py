@@ -78,7 +78,6 @@ class StreamParser:
         self.decoder = StreamDecoder(codec, export_mvs=self.codec_signals,
                                      skip_loop_filter=skip_loop_filter)
         self.sampler = FrameSampler(source_fps, analysis_fps)
-        self.source_fps = source_fps
         self.policy = self._checked(policy)
         self.masks = StreamMasks(self.config, geometry, self.codec_signals, rotation,
                                  max_pixels, min_pixels)
@@ -146,6 +145,19 @@ class StreamParser:
         if not self.refused_shapes:
             return frames
         return [f for f in frames if (f.width, f.height) not in self.refused_shapes]
+
+    def duplicate(self, chunk_bytes: int) -> ParseResult:
+        """The answer to an exact re-send of the chunk processed last: no frame, no patch
+        (patches float32 [0, patch_dim], positions int64 [0, 3], frame_meta int64 [0, 7]),
+        stats with duplicate_chunk set, so llm_prefill answers its unchanged window."""
+        policy, _ = self.resolve_policy(None)
+        stats = ParseStats.empty(policy=policy, policy_requested=self.policy, codec=self.codec,
+                                 chunk_bytes=chunk_bytes,
+                                 whole_frame_seconds=self.config.whole_frame_seconds,
+                                 duplicate_chunk=True)
+        return ParseResult(np.zeros((0, self.geometry.patch_dim), np.float32),
+                           np.zeros((0, 3), np.int64),
+                           np.zeros((0, len(FRAME_META_COLUMNS)), np.int64), stats)
 
     def parse(self, chunk: bytes, policy: str | None = None, final: bool = False,
               au_bytes=None, au_pts=None) -> ParseResult:
@@ -224,8 +236,7 @@ class StreamParser:
         kept_groups = int(meta[:, META["kept_groups"]].sum())
         codec_frames = [s for s in signals if s.intra_share is not None]
         errors = self.decoder.errors - errors_before
-        served = self.masks.picture_for(*self.frame_shape[::-1]) \
-            if sampled and self.frame_shape else None
+        served = self.masks.picture if sampled else None   # the last sampled frame's
         stats = ParseStats(
             whole_frame_seconds=self.config.whole_frame_seconds,
             served_size=[served.width, served.height] if served else None,

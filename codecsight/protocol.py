@@ -5,6 +5,7 @@ model.py files, perf inputs and tests cannot drift apart.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -200,7 +201,15 @@ def read_string(array: np.ndarray) -> str:
 
 
 class _WireStats:
-    """to_json / from_json for the statistics dataclasses below."""
+    """to_json / from_json for the statistics dataclasses below, and `empty`."""
+
+    _EMPTY: dict = {}   # the required fields' values when nothing happened
+
+    @classmethod
+    def empty(cls, **given):
+        """The statistics of a request that did nothing (no frame, no token), given fields
+        set: for a dropped duplicate chunk, and for tests."""
+        return cls(**{**copy.deepcopy(cls._EMPTY), **given})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -256,6 +265,13 @@ class ParseStats(_WireStats):
     owner_restart: bool = False      # set by the model: a START by the stream's own token
     #                                  that replaced its still-active stream
 
+    _EMPTY = dict(policy="", policy_requested="", codec="", chunk_bytes=0, frames_decoded=0,
+                  frames_sampled=0, frame_types="", patches_kept=0, patches_total=0,
+                  groups_kept=0, groups_total=0, kept_share=None, groups_kept_per_frame=[],
+                  groups_flagged_by_codec=None, whole_frames={}, intra_share=None,
+                  moving_share=None, decode_errors=0, decode_ms=0.0, signals_ms=0.0,
+                  select_ms=0.0, convert_ms=0.0, patchify_ms=0.0, parser_ms=0.0)
+
 
 @dataclasses.dataclass
 class LlmStats(_WireStats):
@@ -285,6 +301,10 @@ class LlmStats(_WireStats):
     active_streams: int | None = None  # set by the model: streams this instance holds
     state_bytes: int | None = None   # set by the model: bytes the stream's state holds
     batch_size: int | None = None    # set by the model: requests in this execution
+
+    _EMPTY = dict(refresh="", frames_added=0, frames_dropped=0, window_frames=0,
+                  window_frame_range=None, window_t_range=None, tokens_prefilled=0,
+                  tokens_reused=0, tokens_refreshed=0, kv_bytes=0)
 
     @property
     def answered(self) -> bool:

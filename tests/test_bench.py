@@ -2,7 +2,6 @@
 runs through the session's tritonserver (bench, perf_analyzer, Locust)."""
 import argparse
 import base64
-import dataclasses
 import importlib
 import json
 import subprocess
@@ -41,22 +40,14 @@ def bench_args(*argv):
     return parser.parse_args(list(argv))
 
 
-def wire_stats(cls, **given):
-    """A protocol.ParseStats or LlmStats with the given fields; other required ones empty."""
-    empty = {"str": "", "list": [], "dict": {}}
-    required = {f.name: empty.get(str(f.type).split(" ")[0], 0)
-                for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-    return cls(**{**required, **given})
-
-
 def window(latency_ms, frames=4, kept=1792, total=1792, prefilled=3600, parser_ms=40.0,
            prefill_ms=200.0, reused=0):
     return AnsweredWindow(
         latency_s=latency_ms / 1000.0, bytes_sent=100_000,
-        parse=wire_stats(P.ParseStats, frames_sampled=frames, patches_kept=kept,
-                         patches_total=total, parser_ms=parser_ms),
-        llm=wire_stats(P.LlmStats, tokens_prefilled=prefilled, tokens_reused=reused,
-                       tokens_refreshed=0, prefill_ms=prefill_ms, kv_bytes=1 << 20))
+        parse=P.ParseStats.empty(frames_sampled=frames, patches_kept=kept,
+                                 patches_total=total, parser_ms=parser_ms),
+        llm=P.LlmStats.empty(tokens_prefilled=prefilled, tokens_reused=reused,
+                             tokens_refreshed=0, prefill_ms=prefill_ms, kv_bytes=1 << 20))
 
 
 def run_of(windows, wall_s, vit_ms, llm_ms=100.0, parser_ms=50.0, rss=2 << 30):

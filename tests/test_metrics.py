@@ -11,29 +11,19 @@ from codecsight.protocol import LlmStats, ParseStats
 
 from triton_stub import MetricFamily as FakeMetricFamily
 
-def parse_stats(**fields) -> ParseStats:
-    """A PARSE_STATS with the fields ModelMetrics reads; the rest zero."""
-    base = dict(policy="dense", policy_requested="dense", codec="h264", chunk_bytes=0,
-                frames_decoded=0, frames_sampled=0, frame_types="", patches_kept=0,
-                patches_total=0, groups_kept=0, groups_total=0, kept_share=None,
-                groups_kept_per_frame=[], groups_flagged_by_codec=None, whole_frames={},
-                intra_share=None, moving_share=None, decode_errors=0, decode_ms=0.0,
-                signals_ms=0.0, select_ms=0.0, convert_ms=0.0, patchify_ms=0.0, parser_ms=0.0)
-    return ParseStats(**{**base, **fields})
-
-
-PARSE_DENSE = parse_stats(policy="dense", frames_sampled=4, patches_kept=7168,
-                          patches_total=7168, parser_ms=60.0, stream="cam-1", active_streams=1)
-PARSE_CODEC = parse_stats(policy="codec", frames_sampled=4, patches_kept=1024,
-                          patches_total=7168, parser_ms=20.0, stream="cam-2", active_streams=2)
+PARSE_DENSE = ParseStats.empty(policy="dense", frames_sampled=4, patches_kept=7168,
+                               patches_total=7168, parser_ms=60.0, stream="cam-1",
+                               active_streams=1)
+PARSE_CODEC = ParseStats.empty(policy="codec", frames_sampled=4, patches_kept=1024,
+                               patches_total=7168, parser_ms=20.0, stream="cam-2",
+                               active_streams=2)
 
 
 def llm_stats(stream, refresh="selective", kv_bytes=1000, prefill_ms=12.5, **counts) -> LlmStats:
     fields = dict(refresh=refresh, stream=stream, kv_bytes=kv_bytes, tokens_prefilled=300,
                   tokens_reused=1500, tokens_refreshed=20, active_streams=1,
-                  prefill_ms=prefill_ms, frames_added=0, frames_dropped=0, window_frames=0,
-                  window_frame_range=None, window_t_range=None)
-    return LlmStats(**{**fields, **counts})
+                  prefill_ms=prefill_ms)
+    return LlmStats.empty(**{**fields, **counts})
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ class TritonPythonModel:
         with backend.stream_state(self.streams, seq, lambda: self._new_stream(req, restart),
                                   owner=req.stream_token) as stream:
             if stream.order.is_duplicate(seq.stream_id, req.chunk_seq, chunk, seq.end):
-                result = backend.duplicate_result(stream.state, self.geometry, len(chunk))
+                result = stream.state.duplicate(len(chunk))
             else:
                 result = stream.state.parse(chunk, req.policy or None, final=seq.end,
                                             au_bytes=req.au_bytes, au_pts=req.au_pts)
