@@ -30,6 +30,10 @@ MAX_RESUME_BYTES = 16 * 1024 * 1024
 # server restart, or its idle timeout) itself, with INVALID_ARGUMENT and this text: the one
 # error read by its message. Our models answer NOT_FOUND (protocol.StreamNotFound).
 _BATCHER_NEEDS_START = "must specify the START flag"
+# gRPC metadata carrying the stream ID on every request: Triton's sequence ID sits inside the
+# request body where no proxy can see it; nginx routes on this header
+# (`hash $http_x_stream_id consistent`), so all of a stream's requests reach one instance.
+STREAM_ID_HEADER = "x-stream-id"
 
 
 def state_lost(error: InferenceServerException) -> bool:
@@ -293,7 +297,8 @@ class StreamClient:
                 ENSEMBLE, self._inputs([], seq, 0.0),
                 outputs=[grpcclient.InferRequestedOutput(n) for n in P.ENSEMBLE_OUTPUTS],
                 request_id=self.stream_id, sequence_id=self.stream_id, sequence_start=False,
-                sequence_end=True, client_timeout=self.timeout_s)
+                sequence_end=True, client_timeout=self.timeout_s,
+                headers={STREAM_ID_HEADER: self.stream_id})
         except InferenceServerException:
             pass
 
@@ -306,7 +311,8 @@ class StreamClient:
         result = self.client.infer(
             ENSEMBLE, self._inputs(units, chunk_seq, time_jump), outputs=outputs,
             request_id=self.stream_id, sequence_id=self.stream_id,
-            sequence_start=not self.started, sequence_end=last, client_timeout=self.timeout_s)
+            sequence_start=not self.started, sequence_end=last, client_timeout=self.timeout_s,
+            headers={STREAM_ID_HEADER: self.stream_id})
         latency = time.perf_counter() - t_start
         self.started = True
         sent = sum(len(au) for au, _ in units)

@@ -16,6 +16,14 @@ case "$pyver" in 3.10|3.11|3.12|3.13) ;; *) log "Python $pyver is not supported 
 apt_pkgs=()
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || apt_pkgs+=("libpython${pyver}")
 ldconfig -p | grep -q "libb64.so.0d" || apt_pkgs+=("libb64-0d")
+# Tests start real peers: nginx (the scale-out proxy), headless Chromium (the operator page,
+# driven by Playwright with no browser download) and GStreamer's RTSP server (a live camera),
+# which runs under the system python3 with Debian's GObject bindings.
+[ -x /usr/sbin/nginx ] || apt_pkgs+=("nginx-light")
+[ -x /usr/lib/chromium/chromium ] || apt_pkgs+=("chromium")
+/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null \
+  && /usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0'); from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('h264parse') and Gst.ElementFactory.find('qtdemux') and Gst.ElementFactory.find('rtph264pay')" 2>/dev/null \
+  || apt_pkgs+=("python3-gi" "gir1.2-gst-rtsp-server-1.0" "gstreamer1.0-plugins-good" "gstreamer1.0-plugins-bad")
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   log "installing ${apt_pkgs[*]} with apt-get"
