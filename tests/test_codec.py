@@ -325,3 +325,25 @@ def test_decoded_frames_carry_their_access_unit_times_through_reordering(tmp_pat
     decoded += decoder.flush()
     assert [round(f.pts, 3) for f in decoded] == [k / 10 for k in range(12)]
     assert "B" in {f.pict_type for f in decoded}
+
+
+def test_motion_vectors_array_equals_pyav_to_ndarray():
+    """The cached-dtype view of the MOTION_VECTORS side data holds exactly PyAV's records."""
+    from codecsight.codec import motion_vectors_array
+    from codecsight_client.demux import iter_chunks
+    from streams import CLIP
+
+    decoder = StreamDecoder(export_mvs=True)
+    compared = 0
+    for chunk in list(iter_chunks(str(CLIP), 2.0))[:2]:
+        for frame in decoder.feed(chunk.data, au_bytes=list(chunk.au_sizes),
+                                  au_pts=list(chunk.au_pts)):
+            side_data = frame.frame.side_data.get("MOTION_VECTORS")
+            if side_data is None:
+                continue
+            reference = side_data.to_ndarray()
+            view = motion_vectors_array(side_data)
+            assert view.dtype == reference.dtype and len(view) == len(reference) > 0
+            assert (view == reference).all()
+            compared += 1
+    assert compared >= 20
