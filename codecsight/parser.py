@@ -33,7 +33,7 @@ from codecsight.checkpoint import Geometry
 from codecsight.codec import PTS_UNITS, FrameSampler, PictureTooLarge, StreamDecoder
 from codecsight.policy import POLICIES, PruningConfig, StreamMasks
 from codecsight.protocol import (FRAME_META_COLUMNS, FRAME_TYPES, META, InvalidRequest,
-                                 ParseStats)
+                                 ParseStats, pack_kept_mask)
 from codecsight.vision import patchify
 
 # Codecs whose motion vectors FFmpeg exports; other streams cannot use the codec policy.
@@ -186,6 +186,7 @@ class StreamParser:
         t_signals = time.perf_counter()
 
         rows, pixels, previous, keeps, all_keeps, why = [], [], [], [], [], []
+        kept_masks = []   # ParseStats.kept_masks: what the operator page overlays
         whole_frames = collections.Counter()
         candidates = select_s = convert_s = 0.0
         sampled = 0
@@ -211,6 +212,8 @@ class StreamParser:
             rows.append([slot, f.index, round(1000 * time_s),
                          FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
+            kept_masks.append(pack_kept_mask(keep, t=slot, time_s=time_s,
+                                             group_px=self.geometry.group_pixels))
             why.append(selection.whole_frame)
             if keep.any():
                 # Both converted at most once (policy.SampledFrame): the previous frame only
@@ -265,6 +268,7 @@ class StreamParser:
             policy_fallback=note,
             decode_error=self.decoder.last_error if errors else None,
             note=self._note(decoded, len(frames), len(chunk), errors),
+            kept_masks=kept_masks,
         )
         return ParseResult(patches.astype(np.float32, copy=False), positions, meta, stats,
                            all_keeps, why)

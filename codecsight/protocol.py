@@ -5,6 +5,7 @@ model.py files, perf inputs and tests cannot drift apart.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
@@ -264,6 +265,8 @@ class ParseStats(_WireStats):
     time_jumps: int = 0              # set by the model: the stream's discontinuities so far
     owner_restart: bool = False      # set by the model: a START by the stream's own token
     #                                  that replaced its still-active stream
+    kept_masks: list | None = None   # per sampled frame, in order: its kept merge groups
+    #                                  (pack_kept_mask's dict: t, time_s, grid, group_px, bits)
 
     _EMPTY = dict(policy="", policy_requested="", codec="", chunk_bytes=0, frames_decoded=0,
                   frames_sampled=0, frame_types="", patches_kept=0, patches_total=0,
@@ -310,3 +313,35 @@ class LlmStats(_WireStats):
     def answered(self) -> bool:
         """True when the window was answered (a question was due)."""
         return self.prefill_ms is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# ParseStats.kept_masks: which merge groups of a sampled frame the ViT saw, compact enough to
+# ride along every answer (a 768x432 frame's 28 x 16 groups: 56 bytes, 76 base64 characters).
+
+
+def pack_kept_mask(keep: np.ndarray, *, t: int, time_s: float, group_px: int) -> dict:
+    """One sampled frame's kept merge groups as a JSON-ready dict.
+
+    keep: bool [grid_h, grid_w], True for a kept group, over the picture the server served
+    (upright, scaled, zero-padded bottom/right to whole groups). t: the sampled frame's
+    temporal index; time_s: its presentation time in stream seconds (the chunk's AU_PTS
+    basis, so a client can find the same decoded frame); group_px: a group's side in served
+    pixels (28 for Qwen2-VL). Returns {"t", "time_s" (ms precision), "grid": [grid_h, grid_w],
+    "group_px", "bits": base64 of np.packbits(keep, row-major, big-endian bit order)}.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.ndim != 2:
+        raise ValueError(f"a kept mask is [grid_h, grid_w], got shape {keep.shape}")
+    return {"t": int(t), "time_s": round(float(time_s), 3), "grid": list(keep.shape),
+            "group_px": int(group_px),
+            "bits": base64.b64encode(np.packbits(keep.reshape(-1)).tobytes()).decode("ascii")}
+
+
+def unpack_kept_mask(entry: dict) -> np.ndarray:
+    """bool [grid_h, grid_w] from a pack_kept_mask dict; ValueError if bits and grid disagree."""
+    grid_h, grid_w = (int(n) for n in entry["grid"])
+    raw = np.frombuffer(base64.b64decode(entry["bits"], validate=True), dtype=np.uint8)
+    if len(raw) != -(-grid_h * grid_w // 8):
+        raise ValueError(f"kept mask of {len(raw)} bytes does not fit a {grid_h}x{grid_w} grid")
+    return np.unpackbits(raw, count=grid_h * grid_w).astype(bool).reshape(grid_h, grid_w)
