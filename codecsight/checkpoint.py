@@ -52,6 +52,8 @@ class Geometry:
     image_std: tuple[float, float, float]
     min_pixels: int | None = None  # preprocessor_config.json's, where given: the smallest
                                    # picture Qwen's smart_resize scales to (codec.picture_for)
+    frame_layout: str = "overlapping"  # how sampled frames fill a temporal patch
+                                       # (families.base.FRAME_LAYOUTS)
 
     @property
     def group_pixels(self) -> int:
@@ -69,26 +71,12 @@ class Geometry:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "Geometry":
-        """Read the geometry from a checkpoint directory without importing torch."""
-        model_dir = Path(model_dir)
-        config_path = model_dir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"no config.json in model directory {model_dir}: run `codecsight build` "
-                "or point --model-dir at a Qwen2-VL checkpoint")
-        vision = json.loads(config_path.read_text())["vision_config"]
-        pre_path = model_dir / "preprocessor_config.json"
-        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-        return cls(
-            patch_size=int(vision.get("patch_size", 14)),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            merge_size=int(vision.get("spatial_merge_size", 2)),
-            in_channels=int(vision.get("in_channels", 3)),
-            vision_hidden=int(vision["hidden_size"]),
-            image_mean=tuple(pre.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(pre.get("image_std", CLIP_STD)),
-            min_pixels=int(pre["min_pixels"]) if "min_pixels" in pre else None,
-        )
+        """Read the geometry from a checkpoint directory without importing torch: its
+        family's (codecsight.families), so any supported family's config is read right.
+        FileNotFoundError without config.json; families.UnsupportedFamily."""
+        from codecsight.families import family_for_dir
+
+        return family_for_dir(model_dir).geometry
 
 
 def tiny_config(vocab_size: int, token_ids: dict[str, int]):
@@ -161,13 +149,8 @@ def build_tiny(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
 
 
 def load(model_dir: str | Path):
-    """Load (model, tokenizer) from a local checkpoint directory, offline, in float32 on CPU."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    """Load (model, tokenizer) from a local checkpoint directory of any supported family,
+    offline, in float32 on CPU."""
+    from codecsight.families import family_for_dir
 
-    model_dir = Path(model_dir)
-    Geometry.from_model_dir(model_dir)  # clear error for a directory that is not a checkpoint
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return model, tokenizer
+    return family_for_dir(model_dir).load(model_dir)

@@ -1,7 +1,9 @@
 """The language side of the VLM: each stream's sliding window of visual tokens, its M-RoPE
 positions, its KV cache across windows, prefill and greedy answers.
 
-Layout of one window's sequence (Qwen2-VL chat layout, video in the user turn):
+What differs per model family (prompt, positions, deepstack) comes from the checkpoint's
+`codecsight.families.Family`; the rest is shared. Qwen2-VL's layout, for example (video in
+the user turn):
 
     <|im_start|>user\\n<|vision_start|> [frame tokens ...] <|vision_end|>QUESTION<|im_end|>\\n
     <|im_start|>assistant\\n  -> answer tokens
@@ -14,13 +16,15 @@ from the kept tokens, so a pruned token leaves a gap, never a shift. t_rel count
 window's first frame, so when the window slides only the temporal positions of the visual
 tokens move; the question's positions do not.
 
-KV cache (KVWindow): one row per prefix token, then one per kept visual token of each window
-frame, in frame order. It lives across windows; a question is appended, answered and cropped
+KV cache (KVWindow): one row per prefix token, then each window frame's rows (its text before,
+its kept visual tokens, its text after: Qwen2-VL has no per-frame text), in frame order. It lives across windows; a question is appended, answered and cropped
 off again. When the window slides, one code path serves both refresh policies:
 
     full       re-prefill every row (the dense reference; exact by construction);
-    selective  drop the rows of frames that left, rotate the temporal RoPE phase of the reused
-               keys to the new window origin, re-prefill in place the oldest `anchor_frames`
+    selective  drop the rows of frames that left, rotate the RoPE phase of every reused key
+               from the position it was computed at to its position in the new window (the
+               family's layout says where each row now sits; Qwen2/2.5-VL: the temporal axis
+               moves, Qwen3-VL: all three), re-prefill in place the oldest `anchor_frames`
                I-frame anchors still in the window, prefill the new frames' kept tokens.
 
 The rotation is exact for every layer's keys as far as position goes, so layer-0 keys and
@@ -39,10 +43,10 @@ from transformers import DynamicCache
 # RoPE's pairing (dimension i turns with i + d/2), the model's own function.
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
+from codecsight.families import CheckpointSettings, Family, family_for
+from codecsight.families.qwen2_vl import PROMPT_PREFIX, PROMPT_SUFFIX  # noqa: F401 (API)
 from codecsight.protocol import FRAME_TYPE_NAMES, META, LlmStats
 
-PROMPT_PREFIX = "<|im_start|>user\n<|vision_start|>"
-PROMPT_SUFFIX = "<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 REFRESH_FULL, REFRESH_SELECTIVE = "full", "selective"
 ANCHOR_FRAME_TYPES = ("I",)  # frames the codec coded without reference: re-prefilled on a slide
@@ -222,6 +226,15 @@ class WindowCache(DynamicCache):
                 layer.keys[:, :, start:stop] = rotate_temporal(
                     layer.keys[:, :, start:stop], delta, inv_freq, mrope_section)
 
+    def move_rows(self, rows: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor,
+                  axes: torch.Tensor) -> None:
+        """Re-encode the keys of cache rows (int64 [r]) at their position + delta (int64
+        [r, 3]), in every layer (Family.rotate_keys with the family's rope axes)."""
+        for layer in self.layers:
+            if layer.get_seq_length():
+                layer.keys[:, :, rows] = Family.rotate_keys(layer.keys[:, :, rows], delta,
+                                                            inv_freq, axes)
+
     @property
     def nbytes(self) -> int:
         return cache_nbytes(self)
@@ -263,21 +276,23 @@ def _count(frames: list[WindowFrame]) -> int:
 
 
 class KVWindow:
-    """One stream's KV cache over its window: prefix rows, then each cached frame's tokens.
+    """One stream's KV cache over its window: prefix rows, then each cached frame's rows.
 
-    `frames` are the frames whose rows the cache holds, in row order; their keys encode
-    temporal positions counted from frame t0 (the window origin at the last sync).
+    `frames` are the frames whose rows the cache holds, in row order, `frame_rows` their row
+    counts, and `positions` int64 [3, rows] the position every cached key was encoded at.
     """
 
     def __init__(self, vlm: "VisualLM"):
         self.cache = WindowCache(vlm.text_model.config)
         self.frames: list[WindowFrame] = []
+        self.frame_rows: list[int] = []
+        self.positions = torch.zeros(3, 0, dtype=torch.int64)
         self.t0: int | None = None
         self.prefix_rows = 0
 
     @property
     def rows(self) -> int:
-        return self.prefix_rows + _count(self.frames)
+        return self.prefix_rows + sum(self.frame_rows)
 
     @property
     def nbytes(self) -> int:
@@ -313,19 +328,29 @@ class KVWindow:
         new = [f for f in frames if f.t not in cached]
         if kept and new and new[0].t < kept[-1].t:
             raise ValueError("frames must arrive in sampled-frame order")
-        stats = SyncStats(dropped=self.rows - self.prefix_rows - _count(kept))
+        kept_rows = [n for f, n in zip(self.frames, self.frame_rows) if f.t in in_window]
+        stats = SyncStats(dropped=self.rows - self.prefix_rows - sum(kept_rows))
 
         if stats.dropped:
             keep, start = [torch.arange(self.prefix_rows)], self.prefix_rows
-            for f in self.frames:
+            for f, n in zip(self.frames, self.frame_rows):
                 if f.t in in_window:
-                    keep.append(torch.arange(start, start + len(f.tokens)))
-                start += len(f.tokens)
-            self.cache.keep_rows(torch.cat(keep))
+                    keep.append(torch.arange(start, start + n))
+                start += n
+            keep = torch.cat(keep)
+            self.cache.keep_rows(keep)
+            self.positions = self.positions[:, keep]
+        # Where every row of the new window sits: kept rows come first, in their order.
+        layout = vlm.window_layout(frames, t0)
+        positions = torch.cat([layout.prefix_positions, *(r.positions for r in layout.frames)],
+                              dim=1)
         slid = self.t0 is not None and t0 != self.t0
+        n_kept = self.prefix_rows + sum(kept_rows)
         if refresh == REFRESH_SELECTIVE and slid and kept:
-            self.cache.shift_temporal(self.prefix_rows, self.prefix_rows + _count(kept),
-                                      self.t0 - t0, vlm.inv_freq, vlm.mrope_section)
+            delta = positions[:, :n_kept] - self.positions[:, :n_kept]
+            moved = torch.nonzero(delta.any(0)).flatten()
+            if len(moved):
+                self.cache.move_rows(moved, delta[:, moved].T, vlm.inv_freq, vlm.rope_axes)
 
         # What to recompute among the kept rows: all (full) or the oldest anchors (selective).
         had_prefix = self.prefix_rows > 0
@@ -336,52 +361,72 @@ class KVWindow:
             redo = anchors[:anchor_frames] if slid else []
             redo_prefix = False
             stats.anchors_refreshed = len(redo)
-        self.frames, self.t0, self.prefix_rows = kept + new, t0, len(vlm.prefix_ids)
-        stats.refreshed = redo_prefix * self.prefix_rows + _count(redo)
-        stats.new = (not had_prefix) * self.prefix_rows + _count(new)
+        self.frames, self.t0, self.prefix_rows = kept + new, t0, len(layout.prefix)
+        self.frame_rows = [r.rows for r in layout.frames]
+        self.positions = positions
+        rows_of = dict(zip((f.t for f in self.frames), self.frame_rows))
+        stats.refreshed = redo_prefix * self.prefix_rows + sum(rows_of[f.t] for f in redo)
+        stats.new = (not had_prefix) * self.prefix_rows + sum(rows_of[f.t] for f in new)
         stats.reused = self.rows - stats.refreshed - stats.new
 
         # Rows of the new layout to compute: whole segments (prefix, frames), ascending.
         redo_t = {f.t for f in redo}
         compute_prefix = redo_prefix or not had_prefix
         rows = [torch.arange(self.prefix_rows)] if compute_prefix else []
+        chosen = []
         start = self.prefix_rows
-        for f in self.frames:
+        for f, n in zip(self.frames, self.frame_rows):
             if f.t in redo_t or f.t not in cached:
-                rows.append(torch.arange(start, start + len(f.tokens)))
-            start += len(f.tokens)
+                rows.append(torch.arange(start, start + n))
+                chosen.append(f.t)
+            start += n
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         if not len(rows):
             return stats
-        compute = [f for f in self.frames if f.t in redo_t or f.t not in cached]
-        embeds, positions = vlm.layout(compute, question=None, t0=t0, prefix=compute_prefix)
+        embeds, _, visual = vlm.embed_layout(self.frames, layout, compute_prefix, set(chosen))
         r0 = int(rows[0])
         if len(rows) == self.rows - r0:
             # A contiguous suffix: crop and prefill it (exact, and the fast causal path).
             self.cache.truncate(r0)
-            vlm.forward(self.cache, embeds, positions)
+            vlm.forward(self.cache, embeds, positions[:, rows], visual=visual)
         else:
-            vlm.forward(self.cache, embeds, positions, rows=rows)
+            vlm.forward(self.cache, embeds, positions[:, rows], rows=rows, visual=visual)
         return stats
 
 
-class VisualLM:
-    """The LLM half of a Qwen2-VL checkpoint, fed with precomputed visual tokens."""
+# Settings of a model built without a checkpoint directory (VisualLM(model, ...) of a model
+# not loaded by Family.load): the demo model's, as CodecSight's own checkpoints use them.
+DEMO_SETTINGS = CheckpointSettings("overlapping", "transformers5")
 
-    def __init__(self, model, tokenizer, max_new_tokens: int):
+
+class VisualLM:
+    """The LLM half of a VLM checkpoint, fed with precomputed visual tokens.
+
+    family: the checkpoint's Family; None takes the one Family.load attached to the model,
+    else the model config's family with the demo model's settings (DEMO_SETTINGS).
+    seconds_per_t: stream seconds per window-frame step of t (Family.seconds_per_t); only
+    families whose temporal ids follow time (Qwen2.5-VL) use it.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, family: Family | None = None,
+                 seconds_per_t: float = 0.5):
+        self.family = family or getattr(model, "codecsight_family", None) \
+            or family_for(model.config.to_dict(), settings=DEMO_SETTINGS)
+        self.seconds_per_t = seconds_per_t
         self.text_model = model.model.language_model
         self.lm_head = model.lm_head
         self.embed = self.text_model.get_input_embeddings()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.prefix_ids = self._ids(PROMPT_PREFIX)
+        self.prefix_ids = self._ids(self.family.prompt_prefix())
         vocab = tokenizer.get_vocab()
         self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
         rotary = self.text_model.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().clone()
-        self.mrope_section = list(rotary.mrope_section)
+        self.mrope_section = list(getattr(rotary, "mrope_section", []) or [])
+        self.rope_axes = self.family.rope_axes(self.text_model)
         self.layer_types = sorted(set(self.text_model.config.layer_types))
         if self.layer_types != ["full_attention"]:
             # An in-place refresh passes its own causal mask; a sliding-window layer would
@@ -390,10 +435,53 @@ class VisualLM:
                              f"{self.layer_types}")
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def question_ids(self, question: str) -> list[int]:
-        return self._ids(PROMPT_SUFFIX.format(question=question))
+        return self._ids(self.family.question_text(question))
+
+    def window_layout(self, frames: list[WindowFrame], t0: int | None = None):
+        """The family's WindowLayout of frames (t0: the frame t positions count from)."""
+        if t0 is None:
+            t0 = frames[0].t if frames else 0
+        return self.family.layout(frames, self._ids, t0, self.seconds_per_t)
+
+    def embed_layout(self, frames: list[WindowFrame], layout, prefix: bool = True,
+                     only: set[int] | None = None):
+        """Embeddings [L, hidden], positions [3, L] and the visual rows of frames' sequence.
+
+        only: the t of the frames to include (None: all); prefix False leaves the prefix off.
+        visual: None, or (bool [L] visual rows, deepstack [layers, v, hidden]) for families
+        with deepstack features.
+        """
+        parts, pos, is_visual, deep = [self.embed.weight[:0]], [], [], []
+        if prefix:
+            parts.append(self.embed(torch.tensor(layout.prefix, dtype=torch.int64)))
+            pos.append(layout.prefix_positions)
+            is_visual.append(torch.zeros(len(layout.prefix), dtype=torch.bool))
+        for f, rows in zip(frames, layout.frames):
+            if only is not None and f.t not in only:
+                continue
+            tokens, deepstack = self.family.split_tokens(f.tokens)
+            for ids, visual in ((rows.before, None), (None, tokens), (rows.after, None)):
+                if visual is not None:
+                    parts.append(visual.to(parts[0].dtype))
+                    is_visual.append(torch.ones(len(visual), dtype=torch.bool))
+                elif ids:
+                    parts.append(self.embed(torch.tensor(ids, dtype=torch.int64)))
+                    is_visual.append(torch.zeros(len(ids), dtype=torch.bool))
+            if deepstack is not None:
+                deep.append(deepstack)
+            pos.append(rows.positions)
+        embeds = torch.cat(parts)
+        positions = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.int64)
+        visual = None
+        if self.family.deepstack_layers:
+            mask = torch.cat(is_visual) if is_visual else torch.zeros(0, dtype=torch.bool)
+            deepstack = torch.cat(deep, dim=1) if deep else \
+                torch.zeros(self.family.deepstack_layers, 0, embeds.shape[-1])
+            visual = (mask, deepstack.to(embeds.dtype))
+        return embeds, positions, visual
 
     def layout(self, frames: list[WindowFrame], question: str | None, t0: int | None = None,
                prefix: bool = True):
@@ -403,35 +491,27 @@ class VisualLM:
         that temporal positions count from (default: the first frame's); prefix False leaves
         the prefix rows off (they are reused), keeping every other position as it is.
         """
-        start = len(self.prefix_ids)
-        pos, parts = [torch.zeros(3, 0, dtype=torch.int64)], [self.embed.weight[:0]]
-        if prefix:
-            pos.append(torch.arange(start).expand(3, -1))
-            parts.append(self.embed(torch.tensor(self.prefix_ids)))
-        if t0 is None:
-            t0 = frames[0].t if frames else 0
-        for f in frames:
-            cells = torch.from_numpy(f.cells)
-            pos.append(torch.stack([torch.full((len(cells),), f.t - t0), cells[:, 0], cells[:, 1]])
-                       + start)
-            parts.append(f.tokens.to(parts[0].dtype))
+        layout = self.window_layout(frames, t0)
+        embeds, positions, _ = self.embed_layout(frames, layout, prefix)
         if question is not None:
-            suffix = torch.tensor(self.question_ids(question))
-            after = self.text_start(frames)
-            pos.append(torch.arange(after, after + len(suffix)).expand(3, -1))
-            parts.append(self.embed(suffix))
-        return torch.cat(parts), torch.cat(pos, dim=1)
+            suffix = torch.tensor(self.question_ids(question), dtype=torch.int64)
+            after = layout.text_start
+            positions = torch.cat([positions,
+                                   torch.arange(after, after + len(suffix)).expand(3, -1)], dim=1)
+            embeds = torch.cat([embeds, self.embed(suffix)])
+        return embeds, positions
 
     def text_start(self, frames: list[WindowFrame]) -> int:
-        """Position of the first text token after the video: L + max(grid_h, grid_w)."""
-        return len(self.prefix_ids) + max((max(f.grid_h, f.grid_w) for f in frames), default=0)
+        """Position of the first text token after the video (the family's rule)."""
+        return self.window_layout(frames).text_start
 
     def forward(self, cache: WindowCache, embeds: torch.Tensor, positions: torch.Tensor,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, visual=None) -> torch.Tensor:
         """Run embeds [n, hidden] at positions [3, n] into the cache; last hidden [hidden].
 
         rows None appends after the cache; rows (int64 [n], ascending) writes token i at cache
         row rows[i], attending to every row up to its own, as in one causal prefill.
+        visual: embed_layout's, for families with deepstack features.
         """
         mask = None
         if rows is not None or cache.rows:
@@ -447,11 +527,11 @@ class VisualLM:
                                  torch.tensor(0.0, dtype=embeds.dtype))[None, None]
             mask = {kind: causal for kind in self.layer_types}
         try:
-            out = self.text_model(inputs_embeds=embeds[None], position_ids=positions[:, None, :],
-                                  attention_mask=mask, past_key_values=cache, use_cache=True)
+            hidden = self.family.run_text(self.text_model, embeds[None], positions[:, None, :],
+                                          mask, cache, visual)
         finally:
             cache.write_rows = None
-        return out.last_hidden_state[0, -1]
+        return hidden[0, -1]
 
     @torch.inference_mode()
     def answer(self, kv: KVWindow, frames: list[WindowFrame], question: str, refresh: str,
@@ -459,14 +539,14 @@ class VisualLM:
         """Sync the stream's KV to the window, append the question, decode greedily, crop."""
         t_start = time.perf_counter()
         sync = kv.sync(self, frames, refresh, anchor_frames)
-        q_ids = torch.tensor(self.question_ids(question))
-        after = self.text_start(frames)
+        q_ids = torch.tensor(self.question_ids(question), dtype=torch.int64)
+        after = self.window_layout(frames).text_start
         q_pos = torch.arange(after, after + len(q_ids)).expand(3, -1)
         logits = self.lm_head(self.forward(kv.cache, self.embed(q_ids), q_pos))
         prefill_ms = (time.perf_counter() - t_start) * 1000.0
-        # Decoding continues after the largest position used, as Qwen2-VL's rope deltas do.
-        last_visual = len(self.prefix_ids) + frames[-1].t - frames[0].t
-        ids, decode_ms = self._greedy(kv.cache, logits, max(after + len(q_ids), last_visual + 1))
+        # Decoding continues after the largest position used, as the stock rope deltas do.
+        last = int(kv.positions.max()) if kv.positions.numel() else -1
+        ids, decode_ms = self._greedy(kv.cache, logits, max(after + len(q_ids), last + 1))
         kv.cache.truncate(kv.rows)
         return Answer(
             text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
@@ -491,9 +571,9 @@ class VisualLM:
             if step + 1 == self.max_new_tokens:
                 break
             pos = torch.full((3, 1, 1), next_pos + step)
-            out = self.text_model(inputs_embeds=self.embed(torch.tensor([[token]])),
-                                  position_ids=pos, past_key_values=cache, use_cache=True)
-            logits = self.lm_head(out.last_hidden_state[0, -1])
+            hidden = self.family.run_text(self.text_model, self.embed(torch.tensor([[token]])),
+                                          pos, None, cache)
+            logits = self.lm_head(hidden[0, -1])
         return ids, (time.perf_counter() - t_start) * 1000.0
 
 

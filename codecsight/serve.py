@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from codecsight import families
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "codecsight-demo"   # trained, committed
@@ -282,8 +284,13 @@ def require_checkpoint(model_dir: str | Path) -> Path:
         hint = ("it is committed with the repository: restore it with `git checkout -- "
                 f"{DEFAULT_MODEL_DIR.relative_to(REPO_ROOT)}`, or retrain it with the command "
                 "in its TRAINING.md") if committed \
-            else "give a Hugging Face Qwen2-VL checkpoint directory"
-        raise ServerError(f"no model checkpoint in {model_dir} (config.json missing): {hint}")
+            else "give a Hugging Face checkpoint directory of a supported family"
+        raise ServerError(f"no model checkpoint in {model_dir} (config.json missing): {hint}"
+                          + ("" if committed else f" ({families.supported()})"))
+    try:
+        families.family_for_dir(model_dir)
+    except ValueError as e:   # UnsupportedFamily, or a bad codecsight.json
+        raise ServerError(f"cannot serve {model_dir}: {e}") from e
     return model_dir
 
 

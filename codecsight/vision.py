@@ -140,34 +140,82 @@ def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
     return patches, positions.reshape(-1, 3).astype(np.int64)
 
 
+def check_merge_groups(positions: np.ndarray, merge_size: int, set_index: int = 0) -> None:
+    """Raise ValueError unless every merge_size**2 consecutive rows are one whole merge group.
+
+    positions: int64 [N, >=3] (t, h, w, ...). Rows 4k..4k+3 (for 2x2) must share t and the
+    merge cell (h // merge, w // merge) and be its patches in row-major order, as patchify
+    writes them. The merger folds every 4 consecutive rows into one token whatever they are,
+    so a set of a multiple of 4 patches with broken groups would otherwise merge wrongly
+    without any error.
+    """
+    per_group = merge_size ** 2
+    n = len(positions)
+    if n % per_group:
+        raise ValueError(f"patch set {set_index}: {n} patches is not a whole number of "
+                         f"{per_group}-patch merge groups: keep or drop whole merge groups")
+    if not n:
+        return
+    grouped = np.asarray(positions)[:, :3].reshape(n // per_group, per_group, 3)
+    within = np.arange(per_group)
+    expected_h = grouped[:, :1, 1] // merge_size * merge_size + within // merge_size
+    expected_w = grouped[:, :1, 2] // merge_size * merge_size + within % merge_size
+    bad = (grouped[:, :, 0] != grouped[:, :1, 0]).any(1) | (grouped[:, :, 1] != expected_h).any(1) \
+        | (grouped[:, :, 2] != expected_w).any(1)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"patch set {set_index}: rows {k * per_group}-{k * per_group + per_group - 1} are not "
+            f"one whole {merge_size}x{merge_size} merge group in row-major order (positions "
+            f"{grouped[k].tolist()}): the merger would fold unrelated patches into one token; "
+            "keep or drop whole merge groups (patchify's layout)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoder (torch)
 
 
 class PrunedVisionEncoder(torch.nn.Module):
-    """The checkpoint's ViT over an explicit patch set: per-segment attention at true positions.
+    """A Qwen2-VL or Qwen2.5-VL ViT over an explicit patch set: attention at true positions.
 
-    Shares the weights of a transformers Qwen2-VL vision tower (`model.model.visual`); only
-    the wiring differs: positions come in as data instead of being derived from whole-frame
-    grids, so any subset of merge groups can be encoded, and the graph exports to ONNX with
-    dynamic batch and patch axes.
+    Shares the weights of a transformers vision tower (`model.model.visual`); only the wiring
+    differs: positions come in as data instead of being derived from whole-frame grids, so any
+    subset of merge groups can be encoded, and the graph exports to ONNX with dynamic batch and
+    patch axes. Which patches attend to which is a mask built from the positions, not from
+    their order: every block attends inside each frame (the stock cu_seqlens), except that
+    with window_patches (Qwen2.5-VL) the blocks not in full_blocks attend only inside their
+    window, the window_patches x window_patches square of patches at (h // window_patches,
+    w // window_patches) of the same frame (the stock window_index / cu_window_seqlens, which
+    tile each frame's grid from its top-left corner). A pruned set's windows are therefore
+    those of the dense frame, partly kept.
     """
 
-    def __init__(self, visual: torch.nn.Module):
+    def __init__(self, visual: torch.nn.Module, window_patches: int | None = None,
+                 full_blocks: Sequence[int] = ()):
         super().__init__()
         self.patch_embed = visual.patch_embed
         self.blocks = visual.blocks
         self.merger = visual.merger
         self.rotary = visual.rotary_pos_emb
         self.vision_hidden = visual.merger.mlp[-1].out_features
+        self.merge_size = int(visual.spatial_merge_size)
+        self.window_patches = window_patches
+        # Blocks attending inside each whole frame: all without windows.
+        self.full_blocks = frozenset(range(len(self.blocks))) if window_patches is None \
+            else frozenset(int(i) for i in full_blocks)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "PrunedVisionEncoder":
         """Load a checkpoint directory and wrap its vision tower (float32, CPU, eval mode)."""
-        from codecsight import checkpoint
+        from codecsight.families import family_for_dir
 
-        model, _ = checkpoint.load(model_dir)
-        return cls(model.model.visual).eval()
+        family = family_for_dir(model_dir)
+        model, _ = family.load(model_dir)
+        tower = family.vision_tower(model)
+        if not isinstance(tower, cls):
+            raise TypeError(f"{family.title}'s vision tower is {type(tower).__name__}, not a "
+                            f"{cls.__name__}")
+        return tower
 
     def _rotary_cos_sin(self, rows_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The stock ViT's axial 2D RoPE: the same frequencies for the row and the column
@@ -202,27 +250,38 @@ class PrunedVisionEncoder(torch.nn.Module):
         b, n, patch_dim = patches.shape
         cos, sin = self._rotary_cos_sin(positions[..., 1:])
         segment = positions[..., 0]
-        # Block-diagonal mask: the stock ViT attends within each frame (cu_seqlens); a mask
-        # expresses the same for any number of segments in one static graph. Additive, so it
+        # Block-diagonal masks: the stock ViT attends within each frame (cu_seqlens); a mask
+        # expresses the same for any number of segments in one static graph. Additive, so each
         # is built once for all blocks (a bool mask exports as a select plus a NaN guard inside
         # every attention: 2x slower in ONNX Runtime). No row is fully masked: a patch always
         # sees itself.
-        same_segment = segment[:, None, :, None] == segment[:, None, None, :]  # [B, 1, N, N]
-        mask = torch.zeros(same_segment.shape, dtype=torch.float32).masked_fill(
-            ~same_segment, float("-inf"))
+        frame_mask = self._additive(segment[:, None, :, None] == segment[:, None, None, :])
+        window_mask = frame_mask
+        if self.window_patches is not None:
+            window = positions[..., 1:] // self.window_patches              # [B, N, 2]
+            same_window = (window[:, :, None, :] == window[:, None, :, :]).all(-1)[:, None]
+            window_mask = frame_mask + self._additive(same_window)
         x = self.patch_embed(patches.reshape(b * n, patch_dim)).reshape(b, n, -1)  # [B, N, embed]
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            mask = frame_mask if index in self.full_blocks else window_mask
             x = x + self._attention(block.attn, block.norm1(x), cos, sin, mask)
             x = x + block.mlp(block.norm2(x))
         # The merger folds every 4 consecutive rows into one token; N is a multiple of 4, so
         # groups never straddle batch items.
         return self.merger(x).reshape(b, -1, self.vision_hidden)
 
+    @staticmethod
+    def _additive(allowed: torch.Tensor) -> torch.Tensor:
+        """bool mask -> float32 0 where allowed, -inf elsewhere (same shape)."""
+        return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed,
+                                                                           float("-inf"))
+
     @torch.inference_mode()
     def encode(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """numpy in, numpy out: float32 [N, patch_dim], int64 [N, 3] -> float32 [N/4, hidden]."""
         if len(patches) == 0:
             return np.zeros((0, self.vision_hidden), dtype=np.float32)
+        check_merge_groups(positions, self.merge_size)
         tokens = self(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
                       torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)))
         return tokens.numpy()
@@ -270,9 +329,15 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) ->
     protobuf (then next to it as <name>.data). Raises RuntimeError if ONNX Runtime disagrees
     with torch by more than 1e-4 at batch and patch counts not used during export.
     """
+    from codecsight.families import family_for_dir
+
     started = time.perf_counter()
     model_dir, out_path = Path(model_dir), Path(out_path)
-    geometry = Geometry.from_model_dir(model_dir)
+    family = family_for_dir(model_dir)
+    if not family.onnx_exportable:
+        raise ValueError(f"{family.title}'s pruned vision tower has no ONNX export; vit_pruned "
+                         "serves it with torch (families.Family.onnx_exportable)")
+    geometry = family.geometry
     print(f"[export] loading vision tower from {model_dir}", flush=True)
     encoder = PrunedVisionEncoder.from_model_dir(model_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
@@ -475,12 +540,15 @@ def pack_patch_sets(sets: Sequence[tuple[np.ndarray, np.ndarray]],
 
 def encode_patch_sets(encoder: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       sets: Sequence[tuple[np.ndarray, np.ndarray]],
-                      max_patches: int) -> list[np.ndarray]:
+                      max_patches: int, merge_size: int = 2) -> list[np.ndarray]:
     """Encode many patch sets in packed executions; tokens come back per set, in set order.
 
     encoder: numpy patch set -> tokens (OnnxVisionEncoder, PrunedVisionEncoder.encode).
     Returns one float32 [N_i/4, hidden] array per set, equal to encoding each set alone.
+    Raises ValueError (check_merge_groups) for a set whose merge groups are not whole.
     """
+    for set_index, (_, positions) in enumerate(sets):
+        check_merge_groups(positions, merge_size, set_index)
     parts: list[list[np.ndarray]] = [[] for _ in sets]
     for batch in pack_patch_sets(sets, max_patches):
         tokens = encoder(batch.patches, batch.positions)
