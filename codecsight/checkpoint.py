@@ -148,6 +148,41 @@ def build_tiny(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+def build_tiny_family(out_dir: str | Path, family: str = "qwen2_vl", seed: int = TINY_SEED,
+                      ours: bool = False) -> Path:
+    """Write a tiny random checkpoint of any registered family (its own config classes,
+    preprocessor config and the analytics tokenizer), as a real checkpoint of that family
+    would be laid out: without CodecSight's marker, so it is served with the processor's
+    non-overlapping temporal pairs and previous-maximum text positions (ours=True writes the
+    marker: overlapping pairs and transformers 5 text positions, as the demo model).
+    family: a registry name (families.FAMILIES' `name`). Returns out_dir."""
+    import torch
+
+    from codecsight.families import FAMILIES
+    from codecsight.families.base import CODECSIGHT_MARKER
+
+    by_name = {f.name: f for f in FAMILIES}
+    if family not in by_name:
+        raise ValueError(f"unknown family {family!r}; registered: {sorted(by_name)}")
+    cls = by_name[family]
+    out_dir = Path(out_dir)
+    tokenizer = tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = cls.tiny_config(len(tokenizer), ids)
+    torch.manual_seed(seed)
+    model = cls(config.to_dict()).model_class()(config).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(
+        json.dumps(cls.tiny_preprocessor(config), indent=2))
+    if ours:
+        (out_dir / CODECSIGHT_MARKER).write_text(
+            f"Tiny {cls.title} model with RANDOM weights (seed {seed}), laid out as "
+            "CodecSight's own checkpoints.\n")
+    return out_dir
+
+
 def load(model_dir: str | Path):
     """Load (model, tokenizer) from a local checkpoint directory of any supported family,
     offline, in float32 on CPU."""

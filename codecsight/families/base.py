@@ -182,6 +182,21 @@ class Family(abc.ABC):
     def model_class(self):
         """The transformers *ForConditionalGeneration class of this family."""
 
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int]):
+        """A tiny random transformers config of this family (tests, benchmarks):
+        checkpoint.build_tiny_family. token_ids: checkpoint.SPECIAL_TOKENS -> id."""
+        raise NotImplementedError(f"{cls.title} has no tiny config")
+
+    @classmethod
+    def tiny_preprocessor(cls, config) -> dict:
+        """preprocessor_config.json of a tiny checkpoint built from config."""
+        vision = config.vision_config
+        return {"image_processor_type": "Qwen2VLImageProcessor",
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+                "merge_size": vision.spatial_merge_size}
+
     def load(self, model_dir: str | Path):
         """(model, tokenizer) from a local checkpoint directory, float32, CPU, eval, offline."""
         import torch

@@ -20,6 +20,30 @@ class Qwen2_5VL(Qwen2VL):
 
         return Qwen2_5_VLForConditionalGeneration
 
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int]):
+        """2 text layers of width 128 (head_dim 32 = 2 * sum(mrope_section)); a 2-block ViT
+        of width 64 whose block 0 attends in 112-pixel windows (8x8 patches) and block 1
+        over the whole frame; 2 temporal ids per second."""
+        from transformers import Qwen2_5_VLConfig
+
+        text = dict(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                             "mrope_section": [4, 6, 6]},
+            bos_token_id=token_ids["<|im_start|>"], eos_token_id=token_ids["<|endoftext|>"],
+            pad_token_id=token_ids["<|pad|>"])
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                      out_hidden_size=128, patch_size=14, temporal_patch_size=2,
+                      spatial_merge_size=2, in_channels=3, window_size=112,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision,
+            image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+            vision_start_token_id=token_ids["<|vision_start|>"],
+            vision_end_token_id=token_ids["<|vision_end|>"], tie_word_embeddings=False)
+
     @property
     def window_patches(self) -> int:
         """Side of one attention window in patches: the stock tower's window in merged cells

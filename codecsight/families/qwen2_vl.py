@@ -26,6 +26,12 @@ class Qwen2VL(Family):
 
         return Qwen2VLForConditionalGeneration
 
+    @classmethod
+    def tiny_config(cls, vocab_size: int, token_ids: dict[str, int]):
+        from codecsight.checkpoint import tiny_config
+
+        return tiny_config(vocab_size, token_ids)
+
     def vision_tower(self, model):
         from codecsight.vision import PrunedVisionEncoder
 
