@@ -166,7 +166,7 @@ def build_tiny_family(out_dir: str | Path, family: str = "qwen2_vl", seed: int =
         raise ValueError(f"unknown family {family!r}; registered: {sorted(by_name)}")
     cls = by_name[family]
     out_dir = Path(out_dir)
-    tokenizer = tiny_tokenizer()
+    tokenizer = cls.tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = cls.tiny_config(len(tokenizer), ids)
     torch.manual_seed(seed)

@@ -189,6 +189,13 @@ class Family(abc.ABC):
         raise NotImplementedError(f"{cls.title} has no tiny config")
 
     @classmethod
+    def tiny_tokenizer(cls):
+        """The tokenizer of a tiny checkpoint (default: checkpoint.tiny_tokenizer)."""
+        from codecsight.checkpoint import tiny_tokenizer
+
+        return tiny_tokenizer()
+
+    @classmethod
     def tiny_preprocessor(cls, config) -> dict:
         """preprocessor_config.json of a tiny checkpoint built from config."""
         vision = config.vision_config
