@@ -427,7 +427,9 @@ class VisualLM:
         self.inv_freq = rotary.inv_freq.detach().float().clone()
         self.mrope_section = list(getattr(rotary, "mrope_section", []) or [])
         self.rope_axes = self.family.rope_axes(self.text_model)
-        self.layer_types = sorted(set(self.text_model.config.layer_types))
+        # Configs without layer_types (Qwen3-VL's) are all full attention.
+        self.layer_types = sorted(set(getattr(self.text_model.config, "layer_types", None)
+                                      or ["full_attention"]))
         if self.layer_types != ["full_attention"]:
             # An in-place refresh passes its own causal mask; a sliding-window layer would
             # need another one.
