@@ -34,6 +34,9 @@ _BATCHER_NEEDS_START = "must specify the START flag"
 # request body where no proxy can see it; nginx routes on this header
 # (`hash $http_x_stream_id consistent`), so all of a stream's requests reach one instance.
 STREAM_ID_HEADER = "x-stream-id"
+# nginx in front of several instances (deploy/nginx.conf.j2) starts its own errors with this:
+# an UNAVAILABLE from it is an instance that died under the request, never a refusal.
+PROXY_ERROR_PREFIX = "codecsight proxy:"
 
 
 def state_lost(error: InferenceServerException) -> bool:
@@ -51,7 +54,9 @@ def unreachable(error: InferenceServerException) -> bool:
 def _live_server_refused(client, error: InferenceServerException) -> bool:
     """A live, ready server answered UNAVAILABLE itself: a refusal (the stream cap), not a
     server that is down or restarting. Only asked after an UNAVAILABLE START."""
-    if "UNAVAILABLE" not in str(error.status()):
+    if "UNAVAILABLE" not in str(error.status()) or \
+            error.message().startswith(PROXY_ERROR_PREFIX):
+        # Through the proxy, a live instance would answer the probe below for a dead one.
         return False
     try:
         return bool(client.is_server_live() and client.is_model_ready(ENSEMBLE))
