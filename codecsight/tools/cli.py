@@ -107,6 +107,8 @@ LIBRARY_COMMANDS = {
              "tritonserver"),
     "bench": ("codecsight.tools.bench", "every patch x refresh policy side by side through a real "
               "tritonserver: JSON records, ratios against dense, PNG plot"),
+    "cluster": ("codecsight.tools.cluster", "N tritonservers behind nginx, each stream routed "
+                "to one instance by its x-stream-id header"),
 }
 
 
