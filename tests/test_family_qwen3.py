@@ -51,15 +51,17 @@ def pair_patches(family, frames, keep=None):
 
 
 def window_frames(tokens, frame_indices, keep=None):
-    """WindowFrames of the pairs: tokens [n, token_width] cut per pair, time of its last frame."""
+    """WindowFrames of the pairs: tokens [n, token_width] cut per pair; as the parser makes
+    them, a pair's time_ms is the mean time of its two frames and frame_index its first."""
     pairs = len(frame_indices) // 2
     keep = np.ones((pairs, GRID_H, GRID_W), bool) if keep is None else keep
     frames, start = [], 0
     for k in range(pairs):
         cells = np.argwhere(keep[k]).astype(np.int64)
-        last = int(frame_indices[2 * k + 1])
+        first, last = int(frame_indices[2 * k]), int(frame_indices[2 * k + 1])
         frames.append(WindowFrame(
-            t=k, frame_index=last, time_ms=round(1000 * last / SOURCE_FPS), frame_type="P",
+            t=k, frame_index=first, time_ms=round(1000 * (first + last) / 2 / SOURCE_FPS),
+            frame_type="P",
             grid_h=GRID_H, grid_w=GRID_W, tokens=torch.from_numpy(tokens[start:start + len(cells)]),
             cells=cells))
         start += len(cells)

@@ -24,8 +24,9 @@ its own block, and the per-frame blocks replace the chat template's
     <|im_start|>user\\n  <{t:.1f} seconds><|vision_start|> [frame tokens] <|vision_end|>  ...
     QUESTION<|im_end|>\\n<|im_start|>assistant\\n
 
-where t is the mean stream time of the frames in the temporal patch, in seconds. Stream time
-(not window time) so that a frame reused after a slide keeps its text and its cache rows.
+where t is the mean stream time of the frames in the temporal patch, in seconds (the parser's
+time_ms of the window frame). Stream time, not window time, so that a frame reused after a
+slide keeps its text and its cache rows.
 
 Positions (Qwen3-VL's get_rope_index, interleaved M-RoPE): text tokens take p, p, p and move
 p by one; a frame that starts at sequence position p puts merge-grid cell (h, w) at
@@ -427,23 +428,15 @@ class Qwen3VL(Family):
     def question_text(self, question: str) -> str:
         return PROMPT_SUFFIX.format(question=question)
 
-    def frame_seconds(self, frame, seconds_per_t: float) -> float:
-        """Stream time of a window frame's temporal patch: the mean of its first and last
-        sampled frame's times (Qwen3VLProcessor._calculate_timestamps).
+    def frame_texts(self, frame) -> tuple[str, str]:
+        """'<1.5 seconds><|vision_start|>' before a frame's tokens, '<|vision_end|>' after.
 
-        frame.time_ms is the patch's last sampled frame; its first is temporal_patch_size - 1
-        sampling intervals earlier (one interval = seconds_per_t / frames per step of t).
+        The time is frame.time_ms: with the processor's layout ("pairs") the parser gives a
+        window frame the mean stream time of its temporal patch's sampled frames, rounded to
+        ms (Qwen3VLProcessor._calculate_timestamps' value; the text can differ from the
+        processor's only where that rounding crosses a 0.05 s boundary).
         """
-        slots = self.geometry.temporal_patch_size
-        per_t = slots if self.frame_layout == "pairs" else 1
-        last = frame.time_ms / 1000.0
-        first = last - (slots - 1) * seconds_per_t / per_t
-        return (first + last) / 2.0
-
-    def frame_texts(self, frame, seconds_per_t: float = 0.0) -> tuple[str, str]:
-        """'<1.5 seconds><|vision_start|>' before a frame's tokens, '<|vision_end|>' after."""
-        return (timestamp_text(self.frame_seconds(frame, seconds_per_t)) + VISION_START,
-                VISION_END)
+        return timestamp_text(frame.time_ms / 1000.0) + VISION_START, VISION_END
 
     def layout(self, frames: Sequence, ids: Callable[[str], list[int]], t0: int,
                seconds_per_t: float) -> WindowLayout:
@@ -458,7 +451,7 @@ class Qwen3VL(Family):
         p = len(prefix)
         rows = []
         for frame in frames:
-            before_text, after_text = self.frame_texts(frame, seconds_per_t)
+            before_text, after_text = self.frame_texts(frame)
             before, after = ids(before_text), ids(after_text)
             start = p + len(before)
             cells = torch.as_tensor(np.asarray(frame.cells), dtype=torch.int64).reshape(-1, 2)
