@@ -39,6 +39,12 @@ _TIME_EPS_S = 1e-6
 JUMP_STRIDES = 3
 # Packets decoded at most, at probe time, to read the display matrix from the first frame.
 _ROTATION_PROBE_PACKETS = 300
+# Opening an RTSP camera: TCP (UDP loses packets behind NAT and on busy links), and a short
+# probe (0.5 s, 64 KiB) so that a reconnect answers again quickly (RUNBOOK: ~0.65 s to open).
+RTSP_OPTIONS = {"rtsp_transport": "tcp", "analyzeduration": "500000", "probesize": "65536"}
+# Source clocks that wrap, in ticks: MPEG-TS/PES timestamps are 33 bits, RTP's 32 bits. A
+# backward step of one such period (in the stream's time base) is a wrap, undone exactly.
+WRAP_BITS = (33, 32)
 
 
 def _stderr_notice(message: str) -> None:
@@ -73,6 +79,10 @@ class Chunk:
                                # (the wire's AU_PTS)
     time_jump_s: float = 0.0   # stream seconds removed from the timeline just before this
                                # chunk (a timestamp discontinuity; the wire's TIME_JUMP)
+    picture_size: tuple[int, int] | None = None  # (width, height) its SPS gives, for a chunk
+                               # that starts with a keyframe (None: not known)
+    resolution_change: bool = False  # its keyframe's SPS gives another size than the
+                               # stream's previous keyframe did
 
     @property
     def packets(self) -> int:
@@ -149,11 +159,15 @@ def select_video_stream(container, source: str, video_track: int | None = None,
     return chosen
 
 
+def _open_options(source: str) -> dict:
+    return dict(RTSP_OPTIONS) if str(source).startswith(("rtsp://", "rtsps://")) else {}
+
+
 def _open(source: str, video_track: int | None = None,
-          notice: Callable[[str], None] | None = None):
-    """Open a file or URL; RTSP over TCP (UDP loses packets behind NAT and on busy links)."""
-    options = {"rtsp_transport": "tcp"} if str(source).startswith(("rtsp://", "rtsps://")) else {}
-    container = av.open(str(source), options=options)
+          notice: Callable[[str], None] | None = None, timeout=None):
+    """Open a file or URL (RTSP_OPTIONS for cameras). timeout: seconds to wait for data, or
+    (open, read) seconds (PyAV's; None waits for ever)."""
+    container = av.open(str(source), options=_open_options(source), timeout=timeout)
     try:
         return container, select_video_stream(container, source, video_track, notice)
     except Exception:
@@ -177,14 +191,16 @@ def _fps(stream) -> float:
 
 
 def probe(source: str, video_track: int | None = None,
-          notice: Callable[[str], None] = _stderr_notice) -> SourceInfo:
+          notice: Callable[[str], None] = _stderr_notice, timeout=None) -> SourceInfo:
     """Codec, frame rate, size, duration and display rotation of the source's video stream.
 
     The stream is chosen by select_video_stream (notice() is told when there was a choice).
+    timeout: as in _open (None: wait for ever).
     Raises ValueError for a source without a usable video stream, or whose display matrix
-    is not a rotation by a multiple of 90 degrees.
+    is not a rotation by a multiple of 90 degrees; av.error.FFmpegError (an OSError) when the
+    source cannot be opened or read.
     """
-    container, stream = _open(source, video_track, notice)
+    container, stream = _open(source, video_track, notice, timeout)
     try:
         if stream.duration is not None:
             duration = float(stream.duration * stream.time_base)
@@ -197,11 +213,12 @@ def probe(source: str, video_track: int | None = None,
                           height=ctx.height, duration_s=duration, track=stream.index)
     finally:
         container.close()
-    return dataclasses.replace(info, rotation=display_rotation(source, info.track, notice))
+    return dataclasses.replace(info, rotation=display_rotation(source, info.track, notice,
+                                                               timeout))
 
 
 def display_rotation(source: str, video_track: int,
-                     notice: Callable[[str], None] = _stderr_notice) -> int:
+                     notice: Callable[[str], None] = _stderr_notice, timeout=None) -> int:
     """Degrees clockwise (0, 90, 180, 270) that turn the stream's frames upright.
 
     Read from the display matrix (MP4/MOV tkhd, or the bitstream's display orientation SEI)
@@ -211,8 +228,7 @@ def display_rotation(source: str, video_track: int,
     Raises ValueError for a rotation that is not a multiple of 90 degrees.
     """
     matrix = None
-    container = av.open(str(source), options={"rtsp_transport": "tcp"}
-                        if str(source).startswith(("rtsp://", "rtsps://")) else {})
+    container = av.open(str(source), options=_open_options(source), timeout=timeout)
     try:
         stream = container.streams[video_track]
         for packet in itertools.islice(container.demux(stream), _ROTATION_PROBE_PACKETS):
@@ -252,7 +268,8 @@ def display_rotation(source: str, video_track: int,
 
 def iter_chunks(source: str, stride_seconds: float, loop: bool = False, *,
                 video_track: int | None = None,
-                notice: Callable[[str], None] = _stderr_notice) -> Iterator[Chunk]:
+                notice: Callable[[str], None] = _stderr_notice,
+                from_keyframe: bool = False, timeout=None) -> Iterator[Chunk]:
     """Yield Annex-B chunks of about `stride_seconds` each, as the source is read.
 
     A new chunk starts at the first packet (in decode order) whose presentation time reaches
@@ -260,8 +277,15 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False, *,
     that packet in decode order stay with it even though they are shown earlier.
     A timestamp discontinuity (see _Timeline) also starts a new chunk, which carries the jump
     in time_jump_s; notice() gets one line about it.
+    A keyframe whose SPS gives another picture size than the previous keyframe's also starts
+    a new chunk, marked resolution_change (a camera reconfigured mid-stream).
     loop=True replays a file forever with times continuing to increase (ignored for live URLs).
     video_track: the container's stream index to read (default: select_video_stream's choice).
+    from_keyframe: drop the packets before the first keyframe (a camera joined mid-GOP: a
+    fresh decoder cannot use them); notice() is told how many. Stream time still counts
+    from the first packet.
+    timeout: seconds to wait for the source's data, or (open, read) seconds (None: for ever);
+    a source silent longer raises av.error.ExitError/TimeoutError (OSErrors).
     """
     if not stride_seconds > 0:
         raise ValueError(f"stride_seconds must be > 0, got {stride_seconds}")
@@ -272,29 +296,52 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False, *,
     times: list[tuple[float, float]] = []   # (pts_s, end_s) per packet of the pending chunk
     first_keyframe = False
     pending_jump = 0.0   # removed before the pending chunk
+    size: tuple[int, int] | None = None     # the picture size of the latest keyframe's SPS
+    chunk_size: tuple[int, int] | None = None
+    size_changed = False
+    skipped = 0          # packets dropped before the first keyframe (from_keyframe)
+    waiting_for_keyframe = from_keyframe
 
     def flush() -> Chunk:
-        nonlocal parts, times, index, pending_jump
+        nonlocal parts, times, index, pending_jump, chunk_size, size_changed
         chunk = Chunk(data=b"".join(parts), start_s=min(t for t, _ in times),
                       end_s=max(e for _, e in times), index=index,
                       starts_with_keyframe=first_keyframe,
                       au_sizes=tuple(len(p) for p in parts),
-                      au_pts=tuple(t for t, _ in times), time_jump_s=pending_jump)
+                      au_pts=tuple(t for t, _ in times), time_jump_s=pending_jump,
+                      picture_size=chunk_size, resolution_change=size_changed)
         parts, times, index, pending_jump = [], [], index + 1, 0.0
+        chunk_size, size_changed = None, False
         return chunk
 
     while True:
         end_of_pass = offset_s
         packets = _annexb_packets(source, video_track=video_track,
                                   jump_threshold_s=JUMP_STRIDES * stride_seconds,
-                                  notice=notice, start_s=offset_s)
-        for data, pts_s, end_s, jump_s, keyframe in packets:
-            if times and (jump_s or pts_s >= boundary * stride_seconds - _TIME_EPS_S):
+                                  notice=notice, start_s=offset_s, timeout=timeout)
+        for data, pts_s, end_s, jump_s, keyframe, codec in packets:
+            if waiting_for_keyframe:
+                if not keyframe:
+                    skipped += 1
+                    continue
+                waiting_for_keyframe = False
+                if skipped:
+                    notice(f"{source}: joined mid-GOP: dropped the {skipped} packet(s) before "
+                           f"the first keyframe (a decoder cannot start from them)")
+            new_size = picture_size(data, codec) if keyframe else None
+            changed = new_size is not None and size is not None and new_size != size
+            if times and (jump_s or changed or
+                          pts_s >= boundary * stride_seconds - _TIME_EPS_S):
                 yield flush()
             while pts_s >= boundary * stride_seconds - _TIME_EPS_S:
                 boundary += 1
             if not times:
                 first_keyframe = keyframe
+                chunk_size = new_size
+            if changed:   # the chunk says so (resolution_change); its reader reports it
+                size_changed = True
+            if new_size is not None:
+                size = new_size
             pending_jump += jump_s
             parts.append(data)
             times.append((pts_s, end_s))
@@ -304,6 +351,22 @@ def iter_chunks(source: str, stride_seconds: float, loop: bool = False, *,
         offset_s = end_of_pass
     if times:
         yield flush()
+
+
+def picture_size(access_unit: bytes, codec: str = "h264") -> tuple[int, int] | None:
+    """(width, height) in pixels that the SPS in front of an Annex-B keyframe gives, or None
+    (no SPS in it, or a codec FFmpeg has no parser for).
+
+    FFmpeg's own bitstream parser reads the SPS (cropping included); nothing is decoded.
+    ~0.1 ms per call.
+    """
+    try:
+        parser = av.CodecContext.create(codec, "r")
+        parser.parse(access_unit)
+        parser.parse(None)   # the parser holds the last unit back until it is flushed
+    except (av.error.FFmpegError, ValueError):
+        return None
+    return (parser.width, parser.height) if parser.width and parser.height else None
 
 
 class _Timeline:
@@ -318,10 +381,14 @@ class _Timeline:
     a camera that records on motion) and kept: a gap in the video is a gap in the window.
     At a discontinuity the packet is placed right where the stream should be next, so that
     stream time keeps increasing; the removed jump (positive forward) is returned.
+    A backward step of one of wrap_periods_s (a 33-bit MPEG or 32-bit RTP clock wrapping,
+    where FFmpeg has not undone it) is no discontinuity: the period is added back, exactly.
     """
 
-    def __init__(self, source: str, container, threshold_s: float, notice, start_s: float):
+    def __init__(self, source: str, container, threshold_s: float, notice, start_s: float,
+                 wrap_periods_s: tuple[Fraction, ...] = ()):
         self.source, self.threshold_s, self.notice = source, threshold_s, notice
+        self.wrap_periods_s = wrap_periods_s
         self.live = is_live(source)
         self.forward_jumps = self.live or bool(
             container.format.flags & av.format.Flags.ts_discont.value)
@@ -339,6 +406,12 @@ class _Timeline:
         jump = Fraction(0)
         if self.expected is not None:
             gap = pts - self.shift - self.expected
+            if gap < -self.threshold_s:
+                for period in self.wrap_periods_s:
+                    if abs(gap + period) <= self.threshold_s:   # the clock wrapped
+                        self.shift -= period
+                        gap += period
+                        break
             waited = now - self.wall
             if gap < -self.threshold_s or (gap > self.threshold_s and self.forward_jumps and
                                            (not self.live or waited < gap - self.threshold_s)):
@@ -355,13 +428,17 @@ class _Timeline:
 
 def _annexb_packets(source: str, *, video_track: int | None = None,
                     jump_threshold_s: float = math.inf, notice=_stderr_notice,
-                    start_s: float = 0.0) -> Iterator[tuple[bytes, float, float, float, bool]]:
-    """(Annex-B bytes, pts s, end s, removed jump s, keyframe) per packet of the video stream.
+                    start_s: float = 0.0, timeout=None
+                    ) -> Iterator[tuple[bytes, float, float, float, bool, str]]:
+    """(Annex-B bytes, pts s, end s, removed jump s, keyframe, codec) per packet of the video
+    stream.
 
     Times are stream seconds: from the first packet, plus start_s, re-anchored by _Timeline
-    (threshold jump_threshold_s).
+    (threshold jump_threshold_s). A live source's first packets may carry no timestamp at
+    all (RTSP before the first RTCP sender report): they are timed on from the previous
+    packet at the frame interval, and the first timestamped packet becomes the origin.
     """
-    container, stream = _open(source, video_track)
+    container, stream = _open(source, video_track, timeout=timeout)
     try:
         codec = stream.codec_context.name
         bsf = av.BitStreamFilterContext(ANNEXB_FILTERS[codec], stream) \
@@ -377,7 +454,8 @@ def _annexb_packets(source: str, *, video_track: int | None = None,
         # The raw demuxers time packets at an assumed 25 fps until their parser meets an SPS
         # (a stream joined mid-GOP); the SPS timing probing found is the stream's own.
         raw = stream.container.format.name in RAW_FORMATS
-        timeline = _Timeline(source, container, jump_threshold_s, notice, start_s)
+        timeline = _Timeline(source, container, jump_threshold_s, notice, start_s,
+                             tuple(Fraction(2 ** bits) * time_base for bits in WRAP_BITS))
         recent: collections.deque = collections.deque(maxlen=16)   # recent source pts
         clock = Fraction(0)   # for packets without timestamps (raw streams): sum of durations
         for packet in container.demux(stream):
@@ -385,8 +463,8 @@ def _annexb_packets(source: str, *, video_track: int | None = None,
                 continue
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
-                if origin is None:
-                    origin = ts
+                if origin is None:   # after untimed packets: go on from where they ended
+                    origin = ts - round(clock / time_base)
                 pts = (ts - origin) * time_base
                 recent.append(pts)
             else:
@@ -400,7 +478,7 @@ def _annexb_packets(source: str, *, video_track: int | None = None,
             data = b"".join(bytes(p) for p in bsf.filter(packet)) if bsf else bytes(packet)
             if in_band and keyframe and not _has_parameter_sets(data, codec):
                 data = in_band + data
-            yield (data, *timeline.place(Fraction(pts), Fraction(duration)), keyframe)
+            yield (data, *timeline.place(Fraction(pts), Fraction(duration)), keyframe, codec)
     finally:
         container.close()
 

@@ -26,6 +26,10 @@ EVENT_KINDS = (
     "server_error",      # a request failed; the stream goes on with its next chunk
     "refused",           # the server refused to open the stream (its stream cap)
     "ended",             # the stream ended (END sent), with its reason
+    "source_note",       # the source's timestamps jumped, or packets before its first
+                         # keyframe were dropped: the stream goes on
+    "server_note",       # the server took back a stream this client had left open, or
+                         # lost the stream's state and it resumed from its last keyframe
 )
 
 

@@ -60,3 +60,20 @@ def add_question_argument(parser: argparse.ArgumentParser) -> None:
     """--question with the default above."""
     parser.add_argument("--question", default=QUESTION,
                         help=f"question answered for every window (default: {QUESTION!r})")
+
+# Watching live cameras (codecsight-client watch / --live; codecsight_client.live).
+# Chunks a camera may hold unsent while the server is busy; one more and the oldest two are
+# merged into one request (one window dropped). 2 absorbs one slow answer without a drop.
+QUEUE_DEPTH = 2
+# Reconnecting a lost source: exponential backoff from BACKOFF_INITIAL_S, doubling, capped at
+# BACKOFF_MAX_S, plus up to BACKOFF_JITTER_S of random jitter so that cameras lost together
+# do not reconnect in lockstep. The first attempt after a loss is immediate.
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 10.0
+BACKOFF_JITTER_S = 0.5
+# Each request's deadline (gRPC client_timeout): a request past it is a server_error event
+# and the camera goes on with its next chunk. Generous: a cold server's first answer is slow.
+REQUEST_TIMEOUT_S = 60.0
+# Opening a source, and waiting for its next packet: a camera silent longer is lost.
+SOURCE_OPEN_TIMEOUT_S = 10.0
+SOURCE_READ_TIMEOUT_S = 5.0

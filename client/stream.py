@@ -293,6 +293,21 @@ class StreamClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def end(self) -> WindowResult | None:
+        """End the stream now with an empty END request, so the server frees its state at
+        once (a watcher restarting a camera, or stopping). Returns the final window's answer,
+        or None when the stream never started or the server no longer held it (a failed END
+        leaves nothing the server's TTL would not free)."""
+        if not self.started:
+            return None
+        try:
+            return self.send_once(b"", last=True)
+        except InferenceServerException:
+            return None
+        finally:
+            self.started = False
+            self._since_keyframe = []
+
     def _refused(self, seq: int) -> None:
         """End the refused sequence at once: Triton's sequence batcher holds a slot for it
         (it ran the START) until END or its idle timeout. The models may refuse the END of a
