@@ -11,10 +11,11 @@ import types
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, Qwen3VLProcessor
+from transformers import Qwen3VLProcessor
 from transformers.video_utils import VideoMetadata
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
+from codecsight.checkpoint import build_tiny_family
 from codecsight.families import family_for_dir, qwen3_vl
 from codecsight.llm import REFRESH_FULL, REFRESH_SELECTIVE, KVWindow, VisualLM, WindowFrame
 from codecsight.vision import patchify
@@ -29,7 +30,7 @@ QUESTION = "how many cars are in the left lane?"
 @pytest.fixture(scope="module", params=MODEL_TYPES)
 def checkpoint(request, tmp_path_factory):
     """(family, model, tokenizer, model_dir) of a tiny random checkpoint of each model type."""
-    model_dir = qwen3_vl.build_tiny(tmp_path_factory.mktemp(request.param), request.param)
+    model_dir = build_tiny_family(tmp_path_factory.mktemp(request.param), request.param)
     family = family_for_dir(model_dir)
     model, tokenizer = family.load(model_dir)
     return family, model, tokenizer, model_dir

@@ -9,9 +9,10 @@ frame's patch grid, is added after the patch embedding. The resampling taps of a
 only on its (h, w) and its frame's patch grid, so the tower takes positions (t, h, w, frame
 patch rows, frame patch columns) and computes each kept patch's taps from them in the graph
 (`tap_tensors`): the whole frame's taps sliced with the kept patches (`interpolation_taps`
-does that slicing with transformers' own function, for the stock reference). Deepstack: the outputs of blocks
-`deepstack_visual_indexes` go through their own mergers and are added to the LLM hidden
-states at the visual rows after decoder layers 0, 1, ...; computed on the pruned set they are
+slices them with transformers' own function, for the stock reference). Deepstack: the
+outputs of blocks `deepstack_visual_indexes` go through their own mergers, travel behind
+each merged token (TOKENS is hidden * (1 + D) wide) and are added to the LLM hidden states
+at the visual rows after decoder layers 0, 1, ... (`run_text`); computed on the pruned set they are
 exactly the stock features of the kept tokens, because blocks attend within a frame only and
 whole merge groups are kept. Every frame's kept patches must be contiguous and in frame order
 (the stock tower splits by cu_seqlens; `check_patch_set`).
@@ -46,8 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -154,30 +153,6 @@ def tiny_preprocessor(config) -> dict:
             "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
             "merge_size": vision.spatial_merge_size, "image_mean": list(IMAGE_MEAN),
             "image_std": list(IMAGE_STD)}
-
-
-def build_tiny(out_dir: str | Path, model_type: str = "qwen3_vl", seed: int = 0) -> Path:
-    """Write a tiny random Qwen3-VL(-MoE) checkpoint: weights, tokenizer, processor configs."""
-    out_dir = Path(out_dir)
-    tokenizer = tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = tiny_config(model_type, len(tokenizer), ids)
-    torch.manual_seed(seed)
-    model = model_class(model_type)(config).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    processor = tiny_preprocessor(config)
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    processor.update(video_processor_type="Qwen3VLVideoProcessor", fps=2)
-    del processor["image_processor_type"]
-    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    # Not CODECSIGHT.md: that marker gives a checkpoint the demo model's layout defaults,
-    # and these stand in for real checkpoints (the processor's own layout).
-    (out_dir / "RANDOM_WEIGHTS.md").write_text(
-        f"Tiny {model_type} checkpoint with RANDOM weights (seed {seed}), for exactness tests "
-        "against the stock transformers forward. Its answers carry no meaning.\n")
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------
