@@ -15,10 +15,15 @@ is a gap in t and in FRAME_META's time_ms, never compressed away. Frames are tur
 (ROTATION) and scaled to codec_parser's max_pixels budget before anything looks at them
 (`codec.picture_for`).
 
-Each patch pairs a sampled frame with the stream's previous sampled frame in its two temporal
-slots (`patchify(previous=...)`), so a token carries the motion of its patch. The previous
-frame is converted only when the next sampled frame keeps something, and at the first sampled
-frame of a stream (or after a resolution change) a frame is paired with itself.
+How sampled frames fill the two temporal slots of a patch is the checkpoint's frame layout
+(Geometry.frame_layout, codecsight.families). "overlapping" (the demo model's): each patch pairs
+a sampled frame with the stream's previous sampled frame (`patchify(previous=...)`), so a token
+carries the motion of its patch; the previous frame is converted only when the next sampled
+frame keeps something, and at the first sampled frame of a stream (or after a resolution
+change) a frame is paired with itself. "pairs" (real checkpoints, as their video processor
+lays frames out): sampled frames 2k and 2k+1 fill one patch, FRAME_META's t = k, and a merge
+group is kept if it changed in either frame of the pair or since the previous pair
+(`_emit_pair`); the first frame of a pair waits in the parser for the second.
 """
 from __future__ import annotations
 
@@ -49,6 +54,60 @@ class ParseResult:
     stats: ParseStats
     keep: list = dataclasses.field(default_factory=list)     # bool [grid_h, grid_w] per frame
     whole_frame: list = dataclasses.field(default_factory=list)  # per frame: why kept whole, or None
+
+
+@dataclasses.dataclass
+class _Sampled:
+    """A sampled frame on its way into a temporal patch."""
+
+    slot: int                 # sampled-frame index (the sampler's slot)
+    index: int                # display-order index of the decoded frame
+    time_s: Fraction
+    pict_type: str
+    keep: np.ndarray          # bool [grid_h, grid_w] the policy kept
+    selection: object         # policy.Selection (its frame and previous frame convert to RGB)
+
+
+def _emit_overlapping(s: _Sampled, rows, pixels, previous, keeps) -> None:
+    """The demo model's layout: one temporal patch per sampled frame, filled with (previous
+    sampled frame, this frame); t = the slot."""
+    grid_h, grid_w = s.keep.shape
+    rows.append([s.slot, s.index, round(1000 * s.time_s), FRAME_TYPES.get(s.pict_type, 0),
+                 grid_h, grid_w, int(s.keep.sum())])
+    if s.keep.any():
+        # Both converted at most once (policy.SampledFrame): the previous frame only now, if
+        # its own selection kept nothing.
+        rgb = s.selection.frame.rgb()
+        before = rgb if s.selection.previous is None else s.selection.previous.rgb()
+        pixels.append(rgb)
+        previous.append(before if before.shape == rgb.shape else rgb)
+        keeps.append(s.keep)
+
+
+def _emit_pair(first: _Sampled, second: _Sampled | None, rows, pixels, previous,
+               keeps) -> None:
+    """A real checkpoint's layout (its video processor's): sampled frames 2k and 2k+1 fill one
+    temporal patch, t = k. A lone frame (a gap in the samples, or the stream's end) fills
+    both slots, as the processor repeats the last frame.
+
+    A merge group is kept if either frame's selection kept it: the first frame's compares with
+    the sampled frame before it (the previous pair's second), so a group is kept if it changed
+    since the previous pair or inside this one. time_ms is the mean of the two frames' times
+    (the processor's per-patch timestamp); frame_index the first frame's; the patch is an
+    I-frame (an anchor) if either frame is.
+    """
+    last = second or first
+    keep = first.keep | second.keep if second is not None else first.keep
+    times = [first.time_s] + ([second.time_s] if second is not None else [])
+    kind = "I" if "I" in (first.pict_type, last.pict_type) else last.pict_type
+    grid_h, grid_w = keep.shape
+    rows.append([first.slot // 2, first.index, round(1000 * sum(times) / len(times)),
+                 FRAME_TYPES.get(kind, 0), grid_h, grid_w, int(keep.sum())])
+    if keep.any():
+        rgb = last.selection.frame.rgb()
+        pixels.append(rgb)
+        previous.append(first.selection.frame.rgb())
+        keeps.append(keep)
 
 
 class StreamParser:
@@ -85,6 +144,7 @@ class StreamParser:
         self.last_time: Fraction | None = None   # presentation time of the last decoded frame
         self.frame_shape = None    # (height, width) of decoded frames, once known
         self.refused_shapes: set[tuple[int, int]] = set()   # sizes no picture fits: skipped
+        self._half: _Sampled | None = None   # frame 2k of a pair whose frame 2k+1 is due
         self._fitting_shapes: set[tuple[int, int]] = set()  # sizes checked and fitting
 
     @property
@@ -145,6 +205,24 @@ class StreamParser:
         if not self.refused_shapes:
             return frames
         return [f for f in frames if (f.width, f.height) not in self.refused_shapes]
+
+    def _pairs(self, s: _Sampled) -> list[tuple[_Sampled, _Sampled | None]]:
+        """Temporal patches completed by sampled frame s (frame_layout "pairs"): the held
+        first frame with s, or frames left alone by a gap or a size change."""
+        out, half = [], self._half
+        if half is not None and (half.slot // 2 != s.slot // 2
+                                 or half.keep.shape != s.keep.shape):
+            out.append((half, None))
+            half = None
+        if half is not None:
+            out.append((half, s))
+            half = None
+        elif s.slot % 2 == 0:
+            half = s
+        else:                       # the pair's first frame was never sampled
+            out.append((s, None))
+        self._half = half
+        return out
 
     def duplicate(self, chunk_bytes: int) -> ParseResult:
         """The answer to an exact re-send of the chunk processed last: no frame, no patch
@@ -208,22 +286,20 @@ class StreamParser:
             if selection.fallback:
                 note = selection.fallback
             candidates += selection.candidates
-            grid_h, grid_w = keep.shape
-            rows.append([slot, f.index, round(1000 * time_s),
-                         FRAME_TYPES.get(f.pict_type, 0), grid_h, grid_w, int(keep.sum())])
             all_keeps.append(keep)
             kept_masks.append(pack_kept_mask(keep, t=slot, time_s=time_s,
                                              group_px=self.geometry.group_pixels))
             why.append(selection.whole_frame)
-            if keep.any():
-                # Both converted at most once (policy.SampledFrame): the previous frame only
-                # now, if its own selection kept nothing.
-                rgb = selection.frame.rgb()
-                before = rgb if selection.previous is None else selection.previous.rgb()
-                pixels.append(rgb)
-                previous.append(before if before.shape == rgb.shape else rgb)
-                keeps.append(keep)
+            this = _Sampled(slot, f.index, time_s, f.pict_type, keep, selection)
+            if self.geometry.frame_layout == "pairs":
+                for first, second in self._pairs(this):
+                    _emit_pair(first, second, rows, pixels, previous, keeps)
+            else:
+                _emit_overlapping(this, rows, pixels, previous, keeps)
             convert_s += time.perf_counter() - t1
+        if final and self._half is not None:   # the stream ends inside a pair: a lone frame
+            _emit_pair(self._half, None, rows, pixels, previous, keeps)
+            self._half = None
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))
         t_patchify = time.perf_counter()
         if pixels:
