@@ -254,6 +254,7 @@ def test_pruned_window_equals_the_stock_forward_given_only_the_kept_tokens(check
     family, model, tokenizer, _ = checkpoint
     frames, indices = sampled_video(3)
     keep = np.random.default_rng(5).random((3, GRID_H, GRID_W)) < 0.5
+    keep[1] = False     # a frame with nothing kept still has its timestamp and markers
     patches, positions = pair_patches(family, frames, keep)
     tower = family.vision_tower(model)
     window = window_frames(tower.encode(patches, positions), indices, keep)
