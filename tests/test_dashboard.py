@@ -1,0 +1,228 @@
+"""The operator page (--dashboard) in a real headless Chromium, fed real server answers.
+
+The page's own parts (binding, errors, the admin key) are checked without a browser; the
+browser test streams the bundled clip through a real tritonserver as two streams, one asking
+a question that holds a <script>, and feeds the watcher's records to the page as the
+watcher does (on_chunk before each request, on_window after its answer).
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codecsight import protocol as P
+from codecsight.serve import REPO_ROOT
+from codecsight_client.dashboard import DashboardError, parse_bind, start_dashboard
+from codecsight_client.dashboard.frames import DROPPED_RGBA, KEPT_RGBA
+from codecsight_client.demux import iter_chunks
+from codecsight_client.observe import StreamEvent, WindowRecord, utc_now
+from codecsight_client.stream import StreamClient, connect
+from tests.streams import CLIP, clip_settings, new_id
+
+CHROMIUM = "/usr/lib/chromium/chromium"
+# Without the background-networking flags Chromium keeps calling home on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = REPO_ROOT / "perf" / "out" / "dashboard.png"
+XSS_QUESTION = 'is <script>window.__xss = 1</script> anyone "moving" & <b>where</b>?'
+
+
+def wait_until(page, expression: str, timeout_s: float = 30.0) -> None:
+    """Poll a JavaScript expression until truthy. (page.wait_for_function evaluates its
+    predicate with eval, which the page's Content-Security-Policy rightly forbids.)"""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s} s: {expression}")
+        time.sleep(0.1)
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+# --- without a browser ------------------------------------------------------------------------
+
+def test_bind_addresses_parse_and_bad_ones_say_what_to_give():
+    assert parse_bind("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_bind("[::1]:0") == ("::1", 0)
+    assert parse_bind(":9000") == ("127.0.0.1", 9000)
+    with pytest.raises(DashboardError, match="give HOST:PORT"):
+        parse_bind("localhost")
+
+
+def test_a_non_loopback_address_is_refused_unless_allowed():
+    with pytest.raises(DashboardError, match="no authentication"):
+        start_dashboard("0.0.0.0:0")
+
+
+def test_a_port_in_use_is_a_clear_error_and_close_stops_serving():
+    board = start_dashboard("127.0.0.1:0")
+    try:
+        bind = board.url.removeprefix("http://").rstrip("/")
+        with pytest.raises(DashboardError, match="port is in use"):
+            start_dashboard(bind)
+    finally:
+        board.close()
+    with pytest.raises(urllib.error.URLError):
+        get(board.url + "api/streams")
+
+
+def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_open():
+    board = start_dashboard("127.0.0.1:0", admin_key="s3cret-admin-key")
+    try:
+        board.on_stream("cam-a", "what moved?", clip_settings())
+        board.on_event(StreamEvent("cam-a", "server_error",
+                                   "echoed header s3cret-admin-key rejected"))
+        assert not board.wants_chunks
+        seen = [get(board.url), get(board.url + "api/streams")]
+        with urllib.request.urlopen(board.url + "events", timeout=10) as events:
+            seen.append(events.readline() + events.readline())
+            assert board.wants_chunks
+        text = b"".join(seen).decode()
+        assert "s3cret-admin-key" not in text and "[admin key] rejected" in text
+        card = json.loads(get(board.url + "api/streams"))["streams"][0]
+        assert card["health"]["errors"] == 1 and card["question"] == "what moved?"
+        with pytest.raises(urllib.error.HTTPError, match="400"):   # DNS rebinding
+            urllib.request.urlopen(urllib.request.Request(
+                board.url + "api/streams", headers={"Host": "evil.example"}), timeout=10)
+    finally:
+        board.close()
+
+
+# --- in a real browser, with real answers -----------------------------------------------------
+
+def drive(board, client, stream_id: str, question: str, chunks, pause_s: float, records):
+    """One stream as the watcher runs it: on_chunk, the request, on_window."""
+    stream = StreamClient(client, stream_id, clip_settings(question=question,
+                                                           analysis_fps=2.0))
+    board.on_stream(stream_id, question, stream.settings)
+    for i, chunk in enumerate(chunks):
+        captured = utc_now()
+        if board.wants_chunks:
+            board.on_chunk(stream_id, chunk)
+        window = stream.send(chunk, last=i == len(chunks) - 1)
+        record = WindowRecord(
+            stream_id=stream_id, question=question, window_start_s=chunk.start_s,
+            window_end_s=chunk.end_s, captured_at=captured, answered_at=utc_now(),
+            answer=window.answer, request_ms=window.latency_s * 1000, bytes_sent=window.bytes_sent,
+            dropped_windows=0, reconnects=0, parse=window.parse, llm=window.llm, chunk=chunk)
+        records.append(record)
+        board.on_window(record)
+        time.sleep(pause_s)   # the page must see answers arrive one by one
+
+
+def highlighted_share(overlay: np.ndarray, frame: np.ndarray, grid, cell: int) -> float:
+    """Share of merge-group cells the overlay tints as kept: each cell's mean colour is
+    nearer the kept tint of the plain frame than the dropped shade of it."""
+    def blend(rgba):
+        alpha = rgba[3] / 255
+        return frame * (1 - alpha) + np.array(rgba[:3]) * alpha
+
+    kept, dropped = blend(KEPT_RGBA), blend(DROPPED_RGBA)
+    grid_h, grid_w = grid
+    hits = 0
+    for y, x in itertools.product(range(grid_h), range(grid_w)):
+        box = np.s_[y * cell:(y + 1) * cell, x * cell:(x + 1) * cell]
+        seen = overlay[box].mean(axis=(0, 1))
+        hits += (np.abs(seen - kept[box].mean(axis=(0, 1))).sum()
+                 < np.abs(seen - dropped[box].mean(axis=(0, 1))).sum())
+    return hits / (grid_h * grid_w)
+
+
+@pytest.mark.server
+def test_the_operator_page_in_chromium(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chunks = list(itertools.islice(iter_chunks(CLIP, 2.0), 8))   # 16 s, 2 s per answer
+    ids = [new_id("page-cam"), new_id("page-xss")]
+    board = start_dashboard("127.0.0.1:0")
+    records = {sid: [] for sid in ids}
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(board.url)
+            wait_until(page, "window.codecsight !== undefined")
+            page.evaluate("window.__sameDocument = true")
+            # Open page first (thumbnails are decoded only while one is), then the streams.
+            deadline = time.monotonic() + 10
+            while not board.wants_chunks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert board.wants_chunks
+            threads = [threading.Thread(target=drive, args=(
+                board, connect(server.grpc_url), sid, q, chunks, 0.4, records[sid]), daemon=True)
+                for sid, q in zip(ids, ["is anyone moving?", XSS_QUESTION])]
+            for t in threads:
+                t.start()
+            # A card per stream, and answers arriving without a reload.
+            wait_until(page, "document.querySelectorAll('.card').length == 2")
+            wait_until(page, "window.codecsight.latencies.length >= 2", timeout_s=60)
+            first = page.evaluate("window.codecsight.latencies.length")
+            for t in threads:
+                t.join(timeout=120)
+            wait_until(page, f"window.codecsight.latencies.length >= {2 * len(chunks)}")
+            assert page.evaluate("window.__sameDocument") is True
+            assert page.evaluate("window.codecsight.latencies.length") > first
+            cards = page.locator(".card")
+            assert sorted(cards.evaluate_all("cs => cs.map(c => c.dataset.streamId)")) == \
+                sorted(ids)
+            for sid in ids:
+                card = page.locator(f'.card[data-stream-id="{sid}"]')
+                assert card.locator(".answer").text_content() == records[sid][-1].answer
+                assert f"{len(chunks)} windows" in card.locator(".answer-time").text_content()
+
+            # The <script> question is text: shown verbatim, never run, no element made.
+            xss = page.locator(f'.card[data-stream-id="{ids[1]}"]')
+            assert xss.locator(".question").text_content() == XSS_QUESTION
+            assert page.evaluate("window.__xss") is None
+            assert xss.locator("script, b").count() == 0
+
+            # The overlay: present, and its highlighted share is the frame's kept share.
+            wait_until(page,
+                       "[...document.querySelectorAll('img.overlay')].every(i => !i.hidden && "
+                       "i.complete && i.naturalWidth > 0)")
+            api = json.loads(page.request.get(board.url + "api/streams").body())
+            for card in api["streams"]:
+                thumb = card["thumbnail"]
+                overlay = np.asarray(Image.open(io.BytesIO(
+                    page.request.get(board.url + thumb["overlay_url"].lstrip("/")).body())),
+                    dtype=float)
+                frame = np.asarray(Image.open(io.BytesIO(
+                    page.request.get(board.url + thumb["frame_url"].lstrip("/")).body())),
+                    dtype=float)
+                # The frame's share from our own copy of its PARSE_STATS, not the page's.
+                record = next(r for r in records[card["stream_id"]]
+                              if r.window_end_s == pytest.approx(thumb["window_end_s"]))
+                entries = record.parse.kept_masks
+                index = next(i for i, e in enumerate(entries) if e["t"] == thumb["t"])
+                grid_h, grid_w = entries[index]["grid"]
+                expected = record.parse.groups_kept_per_frame[index] / (grid_h * grid_w)
+                shown = highlighted_share(overlay, frame, thumb["grid"], thumb["cell_px"])
+                assert shown == pytest.approx(expected, abs=1e-9), card["stream_id"]
+                assert overlay.shape[:2] == (grid_h * thumb["cell_px"],
+                                             grid_w * thumb["cell_px"])
+            # Not only whole frames: the codec policy prunes the clip's later frames.
+            assert any(c["thumbnail"]["stats_kept_share"] < 1 for c in api["streams"])
+            latencies = page.evaluate("window.codecsight.latencies.map(l => l.ms)")
+            assert all(ms >= 0 for ms in latencies) and max(latencies) < 30_000
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            wait_until(page, "[...document.querySelectorAll('.plot img')].every("
+                             "i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            browser.close()
+    finally:
+        board.close()
+    assert SCREENSHOT.stat().st_size > 10_000
