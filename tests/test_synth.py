@@ -197,9 +197,20 @@ def scripted_truth(paths, *, behaviours=None, shots=None, fps=10.0, camera=None)
     shots = np.zeros(n, np.int32) if shots is None else shots
     actors = tuple(Actor("car", "red", b, 0, 38, 17)
                    for b in (behaviours or ["walk"] * len(paths)))
-    return SceneTruth(boxes=np.zeros((n, len(paths), 4), np.int32),
+    centres = world - camera[:, None, :]
+    # Drawn boxes as generate_scene pastes them: clipped to the view, nothing outside a shot.
+    boxes = np.zeros((n, len(paths), 4), np.int32)
+    for t in range(n):
+        for a, actor in enumerate(actors):
+            if np.isnan(centres[t, a]).any():
+                continue
+            x0 = int(round(centres[t, a, 0] - actor.width / 2))
+            y0 = int(round(centres[t, a, 1] - actor.height / 2))
+            boxes[t, a] = np.clip([x0, y0, x0 + actor.width, y0 + actor.height],
+                                  0, [224, 168, 224, 168])
+    return SceneTruth(boxes=boxes,
                       moving=np.zeros((n, 11, 14), bool),
-                      centres=world - camera[:, None, :], world=world, shot=shots,
+                      centres=centres, world=world, shot=shots,
                       camera=camera, actors=actors, width=224, height=168, fps=fps)
 
 
@@ -319,3 +330,24 @@ def dataclasses_replace_behaviour(truth, behaviour):
 
     actors = tuple(dataclasses.replace(a, behaviour=behaviour) for a in truth.actors)
     return dataclasses.replace(truth, actors=actors)
+
+
+def test_an_object_hidden_behind_another_is_not_seen_and_does_not_count():
+    # Object 0 drives under object 1 (drawn after it, so painted over it) all window.
+    truth = scripted_truth([line(60.0, 20.0), line(60.0, 20.0)])
+    facts = window_facts(truth, WINDOW)
+    assert facts.moving == 1      # only the one on top shows
+    assert synth.sightings(truth, 0).keys() == {1}
+
+
+def test_an_object_counts_in_view_once_half_of_it_shows():
+    # A 38 px car whose left edge is at x = -19 + 4 t: 50% shows from frame 0 on.
+    barely = window_facts(scripted_truth([line(-8.0, 0.0)]), WINDOW)     # 30/38 cut off
+    half = window_facts(scripted_truth([line(0.0, 0.0)]), WINDOW)        # 19/38 shows
+    assert barely.present == frozenset() and barely.moving == 0
+    assert half.present == {("car", "left"), ("car", "top")}
+
+
+def test_entering_from_the_edge_is_seen_when_half_the_object_has_come_in():
+    facts = window_facts(scripted_truth([line(-30.0, 20.0)]), WINDOW)    # x -30 -> 48
+    assert facts.entered == {"left", "top"} and facts.moving == 1

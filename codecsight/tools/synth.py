@@ -590,8 +590,8 @@ def object_map(truth: SceneTruth, frame_index: int, group_pixels: int) -> np.nda
 class WindowFacts:
     """Ground truth of one window (a set of sampled frames) for every analytics task."""
 
-    present: frozenset      # (kind, zone) pairs: an object of that kind had its centre there
-    entered: frozenset      # zones an object's centre moved into during the window
+    present: frozenset      # (kind, zone) pairs: an object of that kind showed there
+    entered: frozenset      # zones an object moved into (showed there after not) in the window
     moving: int             # objects that moved relative to the scene during the window
     anomaly: bool           # an object moved against the flow, or ran
     anomalies: tuple = ()   # (object index, "against the flow" | "running") for explanations
@@ -616,12 +616,63 @@ def zone_mask(centres: np.ndarray, zone: str, width: int, height: int) -> np.nda
     return inside & half[zone]
 
 
+# An object is in view when at least this share of it shows in the picture (clipped by the
+# view's edge, or painted over by objects drawn after it). Half: for an object cut by one
+# edge only, the same as "its centre is inside the view".
+VISIBLE_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Sighting:
+    """What one frame shows of one object (screen pixels)."""
+
+    box: tuple[int, int, int, int]   # (x0, y0, x1, y1) of its visible pixels, x1/y1 exclusive
+    centroid: tuple[float, float]    # mean (x, y) of its visible pixels
+    share: float                     # visible pixels / the object's full area
+
+
+def object_ids(truth: SceneTruth, frame_index: int) -> np.ndarray:
+    """Which object each pixel of a frame shows: int64 [H, W], -1 for the background.
+
+    The generator pastes the objects of the frame's shot in index order, each clipped to the
+    view, so a later object hides an earlier one; this paints the clipped boxes the same way.
+    """
+    ids = np.full((truth.height, truth.width), -1, np.int64)
+    shot = truth.shot[frame_index]
+    for a, actor in enumerate(truth.actors):
+        x0, y0, x1, y1 = truth.boxes[frame_index, a]
+        if actor.shot == shot and x1 > x0 and y1 > y0:
+            ids[y0:y1, x0:x1] = a
+    return ids
+
+
+def sightings(truth: SceneTruth, frame_index: int,
+              min_share: float = VISIBLE_SHARE) -> dict[int, Sighting]:
+    """Objects a frame shows, {object index: Sighting}, from its id map (`object_ids`).
+
+    Objects showing less than min_share of their area are left out.
+    """
+    ids = object_ids(truth, frame_index)
+    out = {}
+    for a, actor in enumerate(truth.actors):
+        ys, xs = np.nonzero(ids == a)
+        share = len(xs) / float(actor.width * actor.height)
+        if len(xs) and share >= min_share:
+            out[a] = Sighting(box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1,
+                                   int(ys.max()) + 1),
+                              centroid=(float(xs.mean()), float(ys.mean())), share=share)
+    return out
+
+
 def window_facts(truth: SceneTruth, frame_indices) -> WindowFacts:
     """Facts of the window made of these display-order frames (the serving window's frames).
 
-    Presence and entry use an object's centre; moving, running and against-the-flow use its
-    world displacement between consecutive window frames in which it is in view (so pan and
-    shake do not make a parked car move, and an object hidden all window does not count).
+    Only what the window's pictures show counts: an object is in a frame when at least
+    VISIBLE_SHARE of it shows there (`sightings`: cut by the view's edge or hidden behind
+    another object, it is not), and its zone is where its visible pixels are (their
+    centroid). Moving, running and against-the-flow use its world displacement between
+    consecutive window frames in which it shows (so pan and shake do not make a parked car
+    move, and an object hidden all window does not count).
     """
     idx = np.asarray(frame_indices, dtype=np.int64)
     if idx.ndim != 1 or len(idx) == 0:
@@ -629,7 +680,11 @@ def window_facts(truth: SceneTruth, frame_indices) -> WindowFacts:
     if idx.min() < 0 or idx.max() >= truth.num_frames:
         raise ValueError(f"frame indices {idx.min()}..{idx.max()} outside the clip's "
                          f"{truth.num_frames} frames")
-    centres = truth.centres[idx]                       # [F, A, 2]
+    seen = [sightings(truth, int(f)) for f in idx]
+    centres = np.full((len(idx), len(truth.actors), 2), np.nan, np.float32)   # [F, A, 2]
+    for f, frame in enumerate(seen):
+        for a, sighting in frame.items():
+            centres[f, a] = sighting.centroid
     world = truth.world[idx]
     times = idx / truth.fps
     in_zone = {z: zone_mask(centres, z, truth.width, truth.height) for z in ZONES}  # [F, A]
@@ -642,11 +697,12 @@ def window_facts(truth: SceneTruth, frame_indices) -> WindowFacts:
             if in_zone[z][:, a].any():
                 present.add((actor.kind, z))
             inside = in_zone[z][in_shot, a]
-            # Outside (or off-screen) at some frame and inside at a later one, same shot.
+            # Not shown there (elsewhere, off-screen or hidden) at some frame and shown
+            # there at a later one, same shot.
             if inside.any() and (~inside[:int(np.argmax(inside))]).any():
                 entered.add(z)
-        seen = np.flatnonzero(in_view[:, a])
-        pairs = [(i, j) for i, j in zip(seen[:-1], seen[1:]) if j == i + 1]
+        shown = np.flatnonzero(in_view[:, a])
+        pairs = [(i, j) for i, j in zip(shown[:-1], shown[1:]) if j == i + 1]
         if not pairs:
             continue
         velocity = np.array([(world[j, a] - world[i, a]) / (times[j] - times[i])
