@@ -262,3 +262,57 @@ def test_pruned_training_windows_keep_what_the_server_keeps(geometry):
     kept = sum(s.keep["codec"].sum() for s in samples) / sum(s.keep["dense"].sum()
                                                              for s in samples)
     assert 0.05 < kept < 0.9
+
+
+def test_stochastic_pruning_keeps_codecs_groups_and_a_random_share_of_the_rest(geometry):
+    """--policies mix: every visit keeps at least what codec keeps, at rates codec..dense."""
+    samples = train.build_suite([103], geometry, scene=SCENE, analysis_fps=2.0,
+                                window_seconds=4.0, policies=("mix",))
+    assert set(samples[0].keep) == {"dense", "codec"}
+    shares = []
+    for step in range(12):
+        for item in train.items_for_step(samples, step, 2, seed=0, policies=("mix",)):
+            codec = item.sample.keep["codec"]
+            assert item.mask is not None and not (codec & ~item.mask).any()
+            shares.append(item.mask.mean())
+    assert min(shares) < 0.6 < 0.8 < max(shares)
+    assert len(set(np.round(shares, 3))) > 6        # a different rate per visit
+
+
+def test_a_frozen_vit_serves_a_stochastic_visit_its_groups_dense_tokens(demo, samples):
+    mask = np.zeros_like(samples[0].keep["dense"])
+    mask[:, 1, 2] = mask[:, 3, 4] = True
+    item = train.Item(samples[0], "mix", [], None, mask)
+    demo.freeze_vision(samples, ["dense", "mix"])
+    dense = demo.encode_frames([train.Item(samples[0], "dense", [])])[0]
+    frames = demo.encode_frames([item])[0]
+    assert demo.visual_tokens([item]) == 2 * len(frames)
+    for f, d in zip(frames, dense):
+        assert f.cells.tolist() == [[1, 2], [3, 4]]
+        rows = [int(np.flatnonzero((d.cells == c).all(1))[0]) for c in f.cells]
+        torch.testing.assert_close(f.tokens, d.tokens[rows])
+
+
+def test_capacity_flags_resize_the_model_and_init_from_copies_matching_weights(tmp_path,
+                                                                                tiny_dir):
+    from codecsight import checkpoint
+
+    config = train.TrainConfig(out_dir=str(tmp_path), llm_layers=2, llm_width=192,
+                               vision_depth=3, vision_width=96)
+    checkpoint.build_tiny(tmp_path / "m")
+    train.resize(tmp_path / "m", config)
+    model, _ = load(tmp_path / "m")
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, vision.depth, vision.embed_dim,
+            vision.hidden_size) == (2, 192, 3, 96, 192)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        train.resize(tmp_path / "m", train.TrainConfig(out_dir="", llm_width=100))
+    # Same shapes everywhere: all tensors copied; deeper: all but the added layers'.
+    small, _ = load(tiny_dir)
+    assert train.init_weights(small, tiny_dir) == len(small.state_dict())
+    checkpoint.build_tiny(tmp_path / "deep")
+    train.resize(tmp_path / "deep", train.TrainConfig(out_dir="", llm_layers=6))
+    deep, _ = load(tmp_path / "deep")
+    added = [k for k in deep.state_dict() if ".layers.4." in k or ".layers.5." in k]
+    assert train.init_weights(deep, tiny_dir) == len(deep.state_dict()) - len(added) > 0
+    assert "--llm-width 192" in train.command_line(config)

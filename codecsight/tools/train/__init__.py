@@ -33,22 +33,23 @@ exactly the per-question forward.
 The package, by concern: `data` (suite building, samples, questions), `model` (DemoModel),
 `mbs` (Micro-Batch Streaming) and `loop` (TrainConfig, the training run, its CLI).
 """
-from codecsight.tools.train.data import (MAX_PRESENCE_QUESTIONS, TRAIN_SEED_BASE,
+from codecsight.tools.train.data import (MAX_PRESENCE_QUESTIONS, STOCHASTIC_POLICY,
+                                         TRAIN_SEED_BASE,
                                          TRAIN_WINDOW_FRAMES, Item, Sample, build_suite,
                                          items_for_step, policy_keep_masks,
                                          training_questions, worst_case_questions)
 from codecsight.tools.train.loop import (STATE_FILE, VISION_BATCH, Progress, TrainConfig,
                                          add_arguments, command_line, evaluate_answers,
-                                         learning_rate, pretrain_vision, run, say, train,
-                                         training_card)
+                                         init_weights, learning_rate, pretrain_vision, resize,
+                                         run, say, train, training_card)
 from codecsight.tools.train.mbs import MicroBatchStreamer, activation_bytes, parse_bytes
 from codecsight.tools.train.model import AUX_BACKGROUND_WEIGHT, STOP_TOKEN, DemoModel
 
 __all__ = [
     "AUX_BACKGROUND_WEIGHT", "DemoModel", "Item", "MAX_PRESENCE_QUESTIONS", "MicroBatchStreamer",
-    "Progress", "STATE_FILE", "STOP_TOKEN", "Sample", "TRAIN_SEED_BASE", "TRAIN_WINDOW_FRAMES",
+    "Progress", "STOCHASTIC_POLICY", "STATE_FILE", "STOP_TOKEN", "Sample", "TRAIN_SEED_BASE", "TRAIN_WINDOW_FRAMES",
     "TrainConfig", "VISION_BATCH", "activation_bytes", "add_arguments", "build_suite",
-    "command_line", "evaluate_answers", "items_for_step", "learning_rate", "parse_bytes",
-    "policy_keep_masks", "pretrain_vision", "run", "say", "train", "training_card",
+    "command_line", "evaluate_answers", "init_weights", "items_for_step", "learning_rate", "parse_bytes",
+    "policy_keep_masks", "pretrain_vision", "resize", "run", "say", "train", "training_card",
     "training_questions", "worst_case_questions",
 ]

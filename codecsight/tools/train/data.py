@@ -26,6 +26,10 @@ TRAIN_SEED_BASE = 100_000
 # windows the evaluation uses make the largest share.
 TRAIN_WINDOW_FRAMES = {1: 0.2, 2: 0.2, 4: 0.25, 8: 0.35}
 MAX_PRESENCE_QUESTIONS = 4   # per answer ("yes" and "no") and window
+# Training-only patch policy: pruning-robust training with stochastic pruning rates (as the
+# EVS paper trains): each visit keeps what the codec policy keeps plus every other merge
+# group with probability q ~ U(0, 1), so the model sees every rate from codec to dense.
+STOCHASTIC_POLICY = "mix"
 
 
 @dataclasses.dataclass
@@ -58,10 +62,17 @@ class Item:
     policy: str
     qas: list
     frames: np.ndarray | None = None   # int64 indices of the window frames used (None: all)
+    mask: np.ndarray | None = None     # bool [F, Hg, Wg]: this visit's own keep mask
+    #                                    (STOCHASTIC_POLICY); None: the policy's
 
     @property
     def selection(self) -> np.ndarray:
         return np.arange(len(self.sample.t)) if self.frames is None else self.frames
+
+    @property
+    def keep(self) -> np.ndarray:
+        """bool [F, Hg, Wg]: the merge groups this visit feeds, per window frame."""
+        return self.sample.keep[self.policy] if self.mask is None else self.mask
 
 
 def policy_keep_masks(path: Path, geometry: Geometry, policy: str, *, analysis_fps: float,
@@ -108,6 +119,9 @@ def build_suite(seeds, geometry: Geometry, *, scene: synth.SceneConfig, analysis
     clip_dir: where the MP4 files go (a temporary directory when None).
     """
     stride = stride_seconds or window_seconds
+    if STOCHASTIC_POLICY in policies:      # draws its masks on top of codec's
+        policies = tuple(dict.fromkeys(
+            [p for p in policies if p != STOCHASTIC_POLICY] + ["codec"]))
     unknown = [p for p in policies if p not in PATCH_POLICIES]
     if unknown:
         raise ValueError(f"unknown patch policies {unknown}; this build has "
@@ -210,8 +224,12 @@ def items_for_step(samples: list[Sample], step: int, batch_size: int, seed: int,
         frames = np.arange(newest - length + 1, newest + 1)
         facts = sample.facts if length == n else synth.window_facts(
             sample.truth, sample.frame_indices[frames])
+        mask = None
+        if policy == STOCHASTIC_POLICY:
+            base = sample.keep["codec"]
+            mask = base | (rng.random(base.shape) < rng.uniform(0.0, 1.0))
         items.append(Item(sample, policy, training_questions(facts, rng, length),
-                          None if length == n else frames))
+                          None if length == n else frames, mask))
     return items
 
 

@@ -52,9 +52,71 @@ class TrainConfig:
     threads: int = 1                  # 1: OpenMP spin-waits make 2+ threads crawl on busy cores
     val_clips: int = 16
     clip_seconds: float = 16.0
+    # Capacity (None: checkpoint.tiny_config's). Head width stays 32 (M-RoPE sections).
+    llm_layers: int | None = None
+    llm_width: int | None = None      # hidden size; the MLP is 4x, heads width / 32
+    vision_depth: int | None = None
+    vision_width: int | None = None   # ViT embed dim; heads width / 16
+    # Start from this checkpoint's weights (every tensor whose name and shape match), e.g.
+    # its trained ViT with --vision-steps 0, or all of it to uptrain on pruned windows.
+    init_from: str | None = None
 
     def scene(self) -> synth.SceneConfig:
         return synth.SceneConfig(seconds=self.clip_seconds)
+
+
+def resize(model_dir: Path, config: TrainConfig) -> None:
+    """Rebuild the initial checkpoint in model_dir at the capacity config asks for.
+
+    Same seed and tokenizer as `checkpoint.build_tiny`; only the widths and depths change.
+    Head widths stay 32 (LLM, so M-RoPE's sections still sum to half a head) and 16 (ViT).
+    Raises ValueError for widths those head widths do not divide.
+    """
+    sizes = (config.llm_layers, config.llm_width, config.vision_depth, config.vision_width)
+    if all(v is None for v in sizes):
+        return
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig.from_pretrained(model_dir)
+    text, vision = cfg.text_config, cfg.vision_config
+    if config.llm_layers:
+        text.num_hidden_layers = config.llm_layers
+        text.layer_types = ["full_attention"] * config.llm_layers
+    if config.llm_width:
+        if config.llm_width % 64:
+            raise ValueError(f"--llm-width must be a multiple of 64, got {config.llm_width}")
+        text.hidden_size = vision.hidden_size = config.llm_width
+        text.intermediate_size = 4 * config.llm_width
+        text.num_attention_heads = config.llm_width // 32
+        text.num_key_value_heads = max(1, config.llm_width // 64)
+    if config.vision_depth:
+        vision.depth = config.vision_depth
+    if config.vision_width:
+        if config.vision_width % 16:
+            raise ValueError(f"--vision-width must be a multiple of 16, got "
+                             f"{config.vision_width}")
+        vision.embed_dim = config.vision_width
+        vision.num_heads = config.vision_width // 16
+    torch.manual_seed(config.seed)
+    Qwen2VLForConditionalGeneration(cfg).eval().save_pretrained(model_dir)
+
+
+def init_weights(model, model_dir: str | Path) -> int:
+    """Copy every tensor of model_dir's checkpoint whose name and shape match into model.
+
+    Returns how many were copied. Raises FileNotFoundError when model_dir has no weights.
+    """
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {model_dir}: no checkpoint there")
+    # transformers maps the file's names onto the module's (they differ across versions)
+    source = Qwen2VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True).state_dict()
+    state = model.state_dict()
+    same = {k: v for k, v in source.items() if k in state and state[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    return len(same)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -180,7 +242,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
 
     init_dir = out_dir / "init"
     checkpoint.build_tiny(init_dir, seed=config.seed)
+    resize(init_dir, config)
     model, tokenizer = checkpoint.load(init_dir)
+    if config.init_from:
+        copied = init_weights(model, config.init_from)
+        say(f"initialised {copied} of {len(model.state_dict())} tensors from "
+            f"{config.init_from}")
     model.train()
     geometry = Geometry.from_model_dir(init_dir)
     torch.manual_seed(config.seed)     # the training-only head's initial weights
@@ -364,7 +431,17 @@ def command_line(config: TrainConfig) -> str:
              f"--checkpoint-every {config.checkpoint_every}"]
     if config.stride_seconds:
         flags.append(f"--stride-seconds {config.stride_seconds:g}")
+    for name in ("llm_layers", "llm_width", "vision_depth", "vision_width", "init_from"):
+        if getattr(config, name):
+            flags.append(f"--{name.replace('_', '-')} {getattr(config, name)}")
     return "codecsight train " + " ".join(flags)
+
+
+def _capacity(config: TrainConfig) -> str:
+    sizes = {"LLM layers": config.llm_layers, "LLM width": config.llm_width,
+             "ViT depth": config.vision_depth, "ViT width": config.vision_width}
+    given = [f"{k} {v}" for k, v in sizes.items() if v]
+    return " with " + ", ".join(given) if given else ""
 
 
 def _pair(values) -> str:
@@ -382,7 +459,7 @@ on the machine below):
 
     {command_line(config)}
 
-- Model: tiny Qwen2-VL architecture (`codecsight.checkpoint.tiny_config`),
+- Model: tiny Qwen2-VL architecture (`codecsight.checkpoint.tiny_config`{_capacity(config)}),
   {summary['parameters']:,} parameters, initialised by `checkpoint.build_tiny` with seed
   {config.seed}.
 - Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns what each
@@ -459,6 +536,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (results are reproducible for a fixed count)")
     parser.add_argument("--val-clips", type=int, default=d.val_clips)
     parser.add_argument("--clip-seconds", type=float, default=d.clip_seconds)
+    parser.add_argument("--llm-layers", type=int, default=None,
+                        help="LLM layers (default: checkpoint.tiny_config's 4)")
+    parser.add_argument("--llm-width", type=int, default=None,
+                        help="LLM hidden size, a multiple of 64 (default 128)")
+    parser.add_argument("--vision-depth", type=int, default=None,
+                        help="ViT blocks (default 2)")
+    parser.add_argument("--vision-width", type=int, default=None,
+                        help="ViT embed dim, a multiple of 16 (default 64)")
+    parser.add_argument("--init-from", default=None,
+                        help="checkpoint directory whose matching weights start the run")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="save the state and stop after this step (resume later)")
 
@@ -474,6 +561,8 @@ def run(args) -> int:
         stride_seconds=args.stride_seconds,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         checkpoint_every=args.checkpoint_every, threads=args.threads, val_clips=args.val_clips,
-        clip_seconds=args.clip_seconds)
+        clip_seconds=args.clip_seconds, llm_layers=args.llm_layers, llm_width=args.llm_width,
+        vision_depth=args.vision_depth, vision_width=args.vision_width,
+        init_from=args.init_from)
     train(config, resume=args.resume, stop_after=args.stop_after)
     return 0

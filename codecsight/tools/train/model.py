@@ -1,13 +1,15 @@
 """The model wrapper: a checkpoint's serving modules with a training forward."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from codecsight.checkpoint import Geometry
 from codecsight.llm import VisualLM, WindowFrame
 from codecsight.tools import synth
-from codecsight.tools.train.data import Item, Sample
+from codecsight.tools.train.data import STOCHASTIC_POLICY, Item, Sample
 from codecsight.vision import PrunedVisionEncoder, patchify
 
 STOP_TOKEN = "<|im_end|>"
@@ -71,7 +73,7 @@ class DemoModel:
         for i, item in enumerate(items):
             s, sel = item.sample, item.selection
             patches, positions = patchify(s.rgb[sel], geometry, s.t[sel],
-                                          s.keep[item.policy][sel], s.previous_rgb[sel])
+                                          item.keep[sel], s.previous_rgb[sel])
             bounds = np.searchsorted(positions[:, 0], s.t[sel], side="left").tolist() + [
                 len(positions)]
             for k, f in enumerate(sel):
@@ -105,8 +107,11 @@ class DemoModel:
         self.frozen = {}
         for p in self.model.model.visual.parameters():
             p.requires_grad_(False)
+        # A stochastic visit takes its groups' tokens from the dense encoding: an
+        # approximation (a ViT attends across the frame), which saves encoding every draw.
+        policies = [p if p != STOCHASTIC_POLICY else "dense" for p in policies]
         with torch.no_grad():
-            for policy in policies:
+            for policy in dict.fromkeys(policies):
                 for start in range(0, len(samples), batch):
                     chunk = [Item(s, policy, []) for s in samples[start:start + batch]]
                     for item, frames in zip(chunk, self._encode(chunk)):
@@ -117,12 +122,20 @@ class DemoModel:
         return sum(f.nbytes for frames in (self.frozen or {}).values() for f in frames)
 
     def _frozen_frames(self, item: Item) -> list[WindowFrame]:
-        key = (id(item.sample), item.policy)
+        policy = "dense" if item.mask is not None else item.policy
+        key = (id(item.sample), policy)
         if key not in self.frozen:                 # e.g. a sample added after freezing
             with torch.no_grad():
-                self.frozen[key] = self._encode([Item(item.sample, item.policy, [])])[0]
-        frames = self.frozen[key]
-        return [frames[int(f)] for f in item.selection]
+                self.frozen[key] = self._encode([Item(item.sample, policy, [])])[0]
+        frames = [self.frozen[key][int(f)] for f in item.selection]
+        if item.mask is None:
+            return frames
+        out = []
+        for f, frame in zip(item.selection, frames):
+            keep = torch.from_numpy(item.mask[f][frame.cells[:, 0], frame.cells[:, 1]])
+            out.append(dataclasses.replace(frame, tokens=frame.tokens[keep],
+                                           cells=frame.cells[keep.numpy()]))
+        return out
 
     def batch_logits(self, windows: list[list[WindowFrame]], questions: list[list[str]],
                      answers: list[list[list[int]]]) -> list[torch.Tensor]:
@@ -187,7 +200,7 @@ class DemoModel:
 
     def visual_tokens(self, items: list[Item]) -> int:
         """Visual tokens (kept merge groups) of a list of items."""
-        return int(sum(item.sample.keep[item.policy][item.selection].sum() for item in items))
+        return int(sum(item.keep[item.selection].sum() for item in items))
 
     def loss_sum(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Summed answer cross-entropy and summed auxiliary token loss of the items, + stats.
