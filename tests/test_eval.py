@@ -142,3 +142,17 @@ SHORT_OF_THE_BAR = pytest.mark.xfail(
 def test_the_trained_demo_model_reaches_f1_08_dense(demo_eval, task):
     assert demo_eval["windows_mismatched"] == 0
     assert demo_eval["tasks"][task]["f1"] >= 0.8, demo_eval["tasks"][task]
+
+
+def test_a_server_setting_is_measured_on_a_rendered_copy_of_the_repository(tiny_dir, tmp_path):
+    """--anchor-refresh-frames: the eval's own repository, the committed one untouched."""
+    from codecsight.params import served_parameters
+    from codecsight.serve import DEFAULT_REPOSITORY
+
+    committed = (DEFAULT_REPOSITORY / "llm_prefill" / "config.pbtxt").read_text()
+    repo = ev.served_with(tiny_dir, tmp_path / "repo",
+                          {"llm_prefill": {"anchor_refresh_frames": "2"}})
+    assert served_parameters("llm_prefill", repo)["anchor_refresh_frames"] == 2
+    assert (DEFAULT_REPOSITORY / "llm_prefill" / "config.pbtxt").read_text() == committed
+    with pytest.raises(KeyError, match="no parameter 'anchor_frames'"):
+        ev.served_with(tiny_dir, tmp_path / "other", {"llm_prefill": {"anchor_frames": "2"}})

@@ -296,7 +296,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['window_seconds']:g} s, a request every "
              f"{meta.get('stride_seconds') or meta['window_seconds']:g} s. "
              "F1 of \"yes\" for binary tasks, macro F1 for "
-             "count. Requests one at a time on " + meta["device"] + ".", "",
+             "count. Requests one at a time on " + meta["device"] + "." + "".join(
+                 f" Served with {model} {key} = {value}."
+                 for model, values in meta.get("server_overrides", {}).items()
+                 for key, value in values.items()), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["policy"], r["refresh"]]
@@ -395,7 +398,7 @@ def evaluate(client, out_dir: Path, *, seeds, model_dir: str,
              window_seconds: float = defaults.TRAINED_WINDOW_SECONDS,
              stride_seconds: float | None = None,
              policies=None, refreshes=None, tasks=synth.TASKS, device: str = "CPU",
-             progress=None) -> dict:
+             progress=None, server_overrides: dict | None = None) -> dict:
     """Run the suite against a server (a tritonclient gRPC client); write JSON, md and PNG.
 
     stride_seconds None: the window length, so held-out windows do not overlap
@@ -424,6 +427,7 @@ def evaluate(client, out_dir: Path, *, seeds, model_dir: str,
             "windows": sum(len(c.windows) for c in clips), "fps": analysis_fps,
             "window_seconds": window_seconds, "stride_seconds": stride_seconds,
             "tasks": list(tasks), "device": device,
+            "server_overrides": server_overrides or {},
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     result = {"meta": meta, "policies": rows, "records": records}
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
@@ -450,6 +454,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="gRPC address of a running server on this model "
                         "(default: start one)")
     parser.add_argument("--log", type=Path, help="tritonserver log file")
+    parser.add_argument("--anchor-refresh-frames", type=int, default=None,
+                        help="serve with this llm_prefill anchor_refresh_frames instead of "
+                        "its config.pbtxt's (the eval renders a repository of its own)")
+
+
+def served_with(model_dir: Path, dest: Path, parameters: dict[str, dict[str, str]]) -> Path:
+    """A repository for model_dir rendered into dest with some config parameters replaced.
+
+    parameters: {model name: {parameter key: value}} set in that model's config.pbtxt (and
+    any configs/*.pbtxt), e.g. {"llm_prefill": {"anchor_refresh_frames": "0"}}, so one
+    server setting can be measured without editing the committed repository.
+    Raises KeyError for a parameter the model's config does not have.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from codecsight import serve
+
+    serve.require_checkpoint(model_dir)
+    serve.render_repository(serve.DEFAULT_REPOSITORY, dest, model_dir)
+    for model, values in parameters.items():
+        for path in [dest / model / "config.pbtxt"] + sorted((dest / model).glob("configs/*")):
+            config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+            for key, value in values.items():
+                if key not in config.parameters:
+                    raise KeyError(f"{path} has no parameter {key!r}")
+                config.parameters[key].string_value = str(value)
+            path.write_text(text_format.MessageToString(config))
+    return serve.build(model_dir, dest, progress=say)
+
+
+def _server(model_dir: Path, dest: Path, log: Path | None, anchor_refresh_frames: int | None):
+    """A started server on model_dir (a repository of its own, rendered into dest)."""
+    from codecsight.serve import TritonServer, start_server
+
+    if anchor_refresh_frames is None:
+        return start_server(model_dir, log_path=log, progress=say, repository_dest=dest)
+    server = TritonServer(served_with(model_dir, dest, {"llm_prefill": {
+        "anchor_refresh_frames": str(anchor_refresh_frames)}}), log_path=log)
+    say(f"starting tritonserver on {server.repository} with anchor_refresh_frames "
+        f"{anchor_refresh_frames}")
+    try:
+        server.start(300.0, progress=say)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def _split(text: str | None):
@@ -458,7 +509,6 @@ def _split(text: str | None):
 
 def run(args) -> int:
     from codecsight_client.stream import connect
-    from codecsight.serve import start_server
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -475,14 +525,17 @@ def run(args) -> int:
                   window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
                   policies=_split(args.policies), refreshes=_split(args.refresh),
                   progress=progress)
+    if args.anchor_refresh_frames is not None:
+        kwargs["server_overrides"] = {"llm_prefill": {
+            "anchor_refresh_frames": args.anchor_refresh_frames}}
     if args.url:
         result = evaluate(connect(args.url), Path(args.out), **kwargs)
     else:
         # A checkpoint other than the committed one is rendered into a repository of its own,
         # so the eval never rewrites one that `codecsight serve` may be serving.
         with tempfile.TemporaryDirectory(prefix="codecsight-eval-repo-") as tmp, \
-                start_server(model_dir, log_path=args.log, progress=say,
-                             repository_dest=Path(tmp) / "repository") as server:
+                _server(model_dir, Path(tmp) / "repository", args.log,
+                        args.anchor_refresh_frames) as server:
             device = "GPU" if not server.config_name else "CPU (ONNX Runtime ViT)"
             result = evaluate(connect(server.grpc_url), Path(args.out), device=device,
                               **kwargs)
