@@ -13,6 +13,8 @@ One command, headless, CSV out (a server must be listening, e.g. `codecsight ser
         --policies dense,codec --refresh full
 
 perf/run_locust.py does the same around a server it starts, and writes JSON for RESULTS.md.
+Through the stream proxy (`codecsight cluster`) give its port as --host: each user's
+StreamClient sends its stream ID as `x-stream-id` metadata, which nginx routes on.
 """
 from __future__ import annotations
 

@@ -12,6 +12,12 @@ perf_analyzer (shipped by tritonclient[all]==2.51.0) needs libb64.so.0d (scripts
 installs Debian's libb64-0d) and libcudart.so.12 (the nvidia-cuda-runtime-cu12 wheel, a
 project dependency); this script puts the wheel's lib/ on LD_LIBRARY_PATH for it.
 `--print-env` prints that line for running perf_analyzer by hand.
+
+Not through the stream proxy (`codecsight cluster`, deploy/nginx.conf.j2): the proxy routes
+each stream by its `x-stream-id` gRPC metadata and refuses inference without it, and
+perf_analyzer 2.51 cannot send gRPC metadata (its `-H` "is ignored for GRPC requests"; one
+header per run could not name each of its sequences anyway). Point `--url` at one instance
+(the `instance i: grpc ...` lines `codecsight cluster` prints). Locust goes through the proxy.
 """
 from __future__ import annotations
 
