@@ -171,19 +171,160 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="codecsight-client", description=__doc__)
-    parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
-    parser.add_argument("--url", default="127.0.0.1:8001",
+def add_connection_arguments(parser: argparse.ArgumentParser, url_default) -> None:
+    parser.add_argument("--url", default=url_default,
                         help="Triton gRPC address (default: %(default)s)")
     parser.add_argument("--ssl", action="store_true", help="use gRPC over TLS")
     parser.add_argument("--root-certificates", help="PEM file of the CA to trust (with --ssl)")
     parser.add_argument("--private-key", help="client key PEM (mutual TLS)")
     parser.add_argument("--certificate-chain", help="client certificate PEM (mutual TLS)")
-    add_stream_arguments(parser)
+
+
+def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output flags of the watcher (`watch CONFIG`, and one source with --live)."""
+    parser.add_argument("--jsonl", action="store_true",
+                        help="print every answered window as one JSON object per line on "
+                        "stdout, and nothing else there (events go to stderr)")
+    parser.add_argument("--dashboard", metavar="HOST:PORT", default=None,
+                        help="serve the operator page on HOST:PORT while watching")
+
+
+def _connect(args):
+    return connect(args.url, ssl=args.ssl, root_certificates=args.root_certificates,
+                   private_key=args.private_key, certificate_chain=args.certificate_chain)
+
+
+def run_watcher(client, cameras, args, *, queue_depth: int = defaults.QUEUE_DEPTH,
+                request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> int:
+    """Follow cameras until every one ends (files) or Ctrl-C/SIGTERM; the exit status.
+
+    0: stopped, or every source ended; 1: a camera gave up (its max_attempts failed).
+    Ctrl-C or SIGTERM ends every stream with END; a second one quits at once.
+    """
+    from codecsight_client.live import (EventPrinter, JsonLinesPrinter, TextPrinter,
+                                        Watcher)
+    from codecsight_client.observe import Observers
+
+    observers = [EventPrinter(), JsonLinesPrinter() if args.jsonl else TextPrinter()]
+    board = None
+    if args.dashboard:
+        try:
+            from codecsight_client.dashboard import start_dashboard
+        except ImportError as e:
+            print(f"codecsight-client: --dashboard needs codecsight_client.dashboard, which "
+                  f"cannot be imported: {e}", file=sys.stderr)
+            return 2
+        board = start_dashboard(args.dashboard, admin_key=None)
+        observers.append(board)
+        print(f"codecsight-client: operator page at {board.url}", file=sys.stderr, flush=True)
+    tokens = {c.stream_id: stream_token(c.stream_id, getattr(args, "token_file", None))
+              for c in cameras}
+    watcher = Watcher(client, cameras, Observers(observers), tokens=tokens,
+                      queue_depth=queue_depth, request_timeout_s=request_timeout_s)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+    stopped = False
+    try:
+        watcher.start()
+        try:
+            while not watcher.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            stopped = True
+            print("codecsight-client: stopping: ending every stream with END "
+                  "(interrupt again to quit at once)", file=sys.stderr, flush=True)
+            watcher.stop()
+            try:
+                watcher.wait()
+            except KeyboardInterrupt:
+                print("codecsight-client: interrupted again: quitting without END",
+                      file=sys.stderr, flush=True)
+                os._exit(130)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+        if board is not None:
+            board.close()
+    gave_up = [c.camera.stream_id for c in watcher.cameras if c.gave_up]
+    if gave_up and not stopped:
+        print(f"codecsight-client: gave up on camera(s) {', '.join(gave_up)} after their "
+              "max_attempts (see the events above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def watch_main(argv) -> int:
+    """codecsight-client watch CONFIG: follow every camera of a TOML/YAML config."""
+    from codecsight_client.watch_config import ConfigError, load
+
+    parser = argparse.ArgumentParser(
+        prog="codecsight-client watch", description="Follow the live cameras a TOML or YAML "
+        "config lists, in real time (README: Watching live cameras).")
+    parser.add_argument("config", help="cameras config, .toml, .yaml or .yml")
+    add_connection_arguments(parser, None)
+    parser.set_defaults(url=None)
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="this client's secret (see codecsight-client --help)")
+    add_watch_arguments(parser)
     args = parser.parse_args(argv)
-    client = connect(args.url, ssl=args.ssl, root_certificates=args.root_certificates,
-                     private_key=args.private_key, certificate_chain=args.certificate_chain)
+    try:
+        config, cameras = load(args.config)
+    except ConfigError as e:
+        print(f"codecsight-client: invalid config: {e}", file=sys.stderr)
+        return 2
+    args.url = args.url or config.server or DEFAULT_URL
+    return run_watcher(_connect(args), cameras, args, queue_depth=config.queue_depth,
+                       request_timeout_s=config.request_timeout_s)
+
+
+def _watch_one(args) -> int:
+    """One source (or --streams copies of it) through the watcher: --live and friends."""
+    from codecsight_client.live import Camera
+
+    ids = stream_ids(args.stream_id, args.streams)
+    bad = [sid for sid in ids if not P.STREAM_ID_PATTERN.match(sid)]
+    if bad:
+        print(f"codecsight-client: invalid stream ID {bad[0]!r}: use 1-128 letters, digits "
+              "or ._:- starting with a letter or digit", file=sys.stderr)
+        return 2
+    # A file given --live behaves like a camera: paced at its own frame rate.
+    realtime = args.replay_realtime or args.live
+    cameras = [Camera(stream_id=sid, source=args.source, question=args.question,
+                      policy=args.policy, refresh=args.refresh, analysis_fps=args.fps,
+                      window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
+                      replay_realtime=realtime, video_track=args.video_track) for sid in ids]
+    return run_watcher(_connect(args), cameras, args)
+
+
+DEFAULT_URL = "127.0.0.1:8001"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "watch":
+        return watch_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="codecsight-client", description=__doc__,
+        epilog="codecsight-client watch CONFIG follows the cameras a TOML/YAML config lists "
+        "(codecsight-client watch --help).")
+    parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
+    add_connection_arguments(parser, DEFAULT_URL)
+    add_stream_arguments(parser)
+    parser.add_argument("--live", action="store_true",
+                        help="follow the source as a live camera: real-time pacing, stale "
+                        "windows dropped when the server lags, reconnects with backoff, "
+                        "events on stderr; until Ctrl-C/SIGTERM (or a file's end)")
+    parser.add_argument("--replay-realtime", action="store_true",
+                        help="pace a file at its own frame rate, like a camera (implies the "
+                        "watcher, as --live)")
+    add_watch_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.live or args.replay_realtime or args.jsonl or args.dashboard:
+        if args.json:
+            parser.error("--json writes the replay's records; with --live/--jsonl use "
+                         "--jsonl's lines instead")
+        return _watch_one(args)
+    client = _connect(args)
     on_main = threading.current_thread() is threading.main_thread()
     # SIGTERM stops like Ctrl-C (a signal handler can only be set on the main thread).
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None

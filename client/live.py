@@ -8,8 +8,9 @@ Each camera runs two threads joined by a bounded queue of chunks:
   first keyframe are dropped, so the stream restarts from a keyframe.
 - its sender takes the chunks one request at a time (one stride of video per request) and
   reports each answered window to the observers (codecsight_client.observe). At a new
-  connection or picture size it ENDs the old Triton sequence and STARTs a fresh one, so the
-  server's state is never a mix of two sources. On stop it ENDs the stream.
+  connection or picture size it STARTs the sequence anew (same owner token: the server
+  replaces its state at once), so the server's state is never a mix of two connections.
+  On stop it ENDs the stream, so the server frees its state at once.
 
 Back-pressure: when the server is slower than real time, chunks pile up; past the queue's
 depth the oldest unsent chunk is merged into the next one (merge_chunks): all of its bytes
@@ -228,6 +229,7 @@ class CameraWatcher:
         self._info = None            # the source's SourceInfo, probed at its first opening
         self._session = 0
         self._delivered_before = False   # some connection delivered video already
+        self._restarting = False    # the sender's stream STARTs anew over its old sequence
         self._offset_s = 0.0         # where the next connection's stream time starts
         self._threads = [threading.Thread(target=self._guard, args=(self._read,),
                                           name=f"{camera.stream_id}-reader", daemon=True),
@@ -377,7 +379,10 @@ class CameraWatcher:
                             notice=self._stream_notice, token=self.token)
 
     def _stream_notice(self, message: str) -> None:
-        """StreamClient's notices: a server it is retrying is an error, the rest notes."""
+        """StreamClient's notices: a server it is retrying is an error, the rest notes (less
+        the server taking the stream back at our own keyframe restart: reported already)."""
+        if self._restarting and "took the stream back" in message:
+            return
         self.event("server_error" if "unreachable" in message else "server_note", message)
 
     def _send(self) -> None:
@@ -393,12 +398,16 @@ class CameraWatcher:
                     reason = "gave up on the source"
                 break
             if stream is None or item.session != session or item.restart:
-                if stream is not None and stream.started:
-                    stream.end()
-                    self.event("keyframe_restart", "END sent for the old sequence; the stream "
-                               "starts again (START) from the keyframe at stream time "
-                               f"{item.chunk.start_s + item.offset_s:.3f} s")
+                restarting = stream is not None and stream.started
                 stream, session = self._new_stream(item.settings), item.session
+                if restarting:
+                    # START anew under the same owner token: the server replaces the old
+                    # sequence's state at once (an END first would cost a round trip more,
+                    # answering a window nobody wants, before the camera is back).
+                    self._restarting = True
+                    self.event("keyframe_restart", "the stream starts again (START, replacing "
+                               "the server's state for it) from the keyframe at stream time "
+                               f"{item.chunk.start_s + item.offset_s:.3f} s")
             if item.merged:
                 self.dropped_windows += item.merged
                 self.event("drop", f"the server is slower than the camera: {item.merged} "
@@ -410,6 +419,7 @@ class CameraWatcher:
                 self.observer.on_chunk(self.camera.stream_id, item.chunk)
             try:
                 window = stream.send(item.chunk)
+                self._restarting = False
             except StreamRefused as e:
                 self.event("refused", f"{e}; trying again with the next chunk")
                 continue

@@ -222,3 +222,253 @@ def test_an_unreachable_camera_retries_with_backoff_and_gives_up_when_told():
     # waits 0.2-0.3 s, then 0.4-0.5 s, then three failed opens
     assert 0.6 <= time.monotonic() - t0 < 20
     assert all(e.stream_id == "cam-dead" for e in seen.events)
+
+
+# -- a recorded run: codecsight-client watch over live RTSP cameras -----------------------
+
+STRIDE_S = 1.0     # the cameras' stride: answers are due about one second apart
+DOWN_S = 3.0       # how long camera A's RTSP server is down
+
+
+def active_streams(server) -> int:
+    """codecsight_active_streams of llm_prefill (it holds a stream until its END)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    match = re.search(r'^codecsight_active_streams\{model="llm_prefill"\} (\S+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+class WatchRun:
+    """codecsight-client watch as a subprocess; its stdout lines and stderr lines as they
+    come, each with the monotonic time it was read."""
+
+    def __init__(self, args):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "codecsight_client.cli", "watch", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout, self.stderr = [], []
+        self._threads = [threading.Thread(target=self._pump, args=(f, lines), daemon=True)
+                         for f, lines in ((self.process.stdout, self.stdout),
+                                          (self.process.stderr, self.stderr))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(pipe, lines):
+        for line in pipe:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def windows(self, stream_id=None) -> list[dict]:
+        records = [json.loads(line) for _, line in self.stdout]
+        return [r for r in records if stream_id in (None, r["stream_id"])]
+
+    def events(self, stream_id, kind=None) -> list[str]:
+        pattern = re.compile(rf"^codecsight-client: \S+ {re.escape(stream_id)} (\w+): ")
+        return [line for _, line in self.stderr
+                if (m := pattern.match(line)) and kind in (None, m.group(1))]
+
+    def wait_for(self, condition, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gave up waiting for {what}; stderr:\n" +
+                                     "\n".join(line for _, line in self.stderr[-30:]))
+            time.sleep(0.1)
+
+    def stop(self, signum) -> float:
+        self.process.send_signal(signum)
+        self.process.wait(120)
+        for t in self._threads:
+            t.join(10)
+        return time.monotonic()
+
+
+@dataclasses.dataclass
+class Recorded:
+    run: WatchRun
+    returncode: int
+    active_before: int
+    active_during: int
+    active_after: int
+    restarted_at: float       # monotonic: camera A's RTSP server listening again
+
+
+@pytest.fixture(scope="module")
+def recorded(server, tmp_path_factory):
+    """Two live cameras (each on its own RTSP server process) and one that never answers,
+    watched from one config; camera A's server is killed for DOWN_S seconds and restarted
+    mid-run; then SIGTERM. ~30 s."""
+    tmp = tmp_path_factory.mktemp("watch")
+    clip_a = make_clip(tmp / "a.mp4", 40.0, seed=1)
+    clip_b = make_clip(tmp / "b.mp4", 40.0, seed=2)
+    with RtspServer({"/a": clip_a}) as rtsp_a, RtspServer({"/b": clip_b}) as rtsp_b:
+        config = tmp / "cams.toml"
+        config.write_text(textwrap_config(rtsp_a.url("/a"), rtsp_b.url("/b"),
+                                          f"rtsp://127.0.0.1:{free_port()}/none"))
+        before = active_streams(server)
+        run = WatchRun([str(config), "--jsonl", "--url", server.grpc_url,
+                        "--token-file", str(tmp / "secret")])
+        run.wait_for(lambda: len(run.windows("cam-a")) >= 3 and len(run.windows("cam-b")) >= 3,
+                     90, "three windows from each camera")
+        during = active_streams(server)
+        rtsp_a.stop()
+        time.sleep(DOWN_S)
+        rtsp_a.start()
+        restarted = time.monotonic()
+        run.wait_for(lambda: sum(w["reconnects"] == 1 for w in run.windows("cam-a")) >= 3,
+                     90, "three windows from camera A after its reconnect")
+        run.stop(signal.SIGTERM)
+        after = active_streams(server)
+    return Recorded(run, run.process.returncode, before, during, after, restarted)
+
+
+def textwrap_config(url_a: str, url_b: str, url_dead: str) -> str:
+    return f"""
+[defaults]
+question = "how many objects are moving?"
+fps = 2
+window_seconds = 4
+stride_seconds = {STRIDE_S}
+
+[[cameras]]
+stream_id = "cam-a"
+url = "{url_a}"
+
+[[cameras]]
+stream_id = "cam-b"
+url = "{url_b}"
+policy = "dense"
+
+[[cameras]]
+stream_id = "cam-dead"
+url = "{url_dead}"
+"""
+
+
+def stamp(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def test_two_live_cameras_each_answer_every_window_about_a_stride_after_capture(recorded):
+    for sid in ("cam-a", "cam-b"):
+        windows = recorded.run.windows(sid)
+        first_session = [w for w in windows if w["reconnects"] == 0]
+        # every stride of video answered, in order, none merged away
+        starts = [w["window_start_s"] for w in first_session]
+        assert starts == pytest.approx([i * STRIDE_S for i in range(len(starts))]), sid
+        assert all(w["answer"] and w["dropped_windows"] == 0 for w in windows), sid
+        # Real-time pace: the source delivers a stride per stride of wall time, and the
+        # answers follow it; bounds are generous for a loaded 2-core CI machine.
+        captured = np.diff([stamp(w["captured_at"]) for w in first_session])
+        answered = np.diff([stamp(w["answered_at"]) for w in first_session])
+        assert 0.8 * STRIDE_S < np.median(captured) < 1.2 * STRIDE_S, (sid, captured)
+        assert 0.5 * STRIDE_S < np.median(answered) < 1.5 * STRIDE_S, (sid, answered)
+        latency = [w["latency_ms"] for w in windows]
+        # Capture to answer: the request itself, plus at most the queue's depth of requests
+        # ahead of it (settings.QUEUE_DEPTH = 2) and the one in flight.
+        slowest = max(w["request_ms"] for w in windows)
+        assert max(latency) <= 3 * slowest + 500, (sid, latency)
+
+
+def test_json_lines_carry_every_documented_key_and_stdout_nothing_else(recorded):
+    keys = {"stream_id", "window_start_s", "window_end_s", "captured_at", "answered_at",
+            "answer", "latency_ms", "patches_kept_share", "tokens_prefilled",
+            "dropped_windows", "reconnects"}
+    windows = recorded.run.windows()       # every stdout line parsed as JSON
+    assert windows and all(keys <= set(w) for w in windows)
+    w = windows[0]
+    assert w["window_end_s"] > w["window_start_s"] and 0 < w["patches_kept_share"] <= 1
+    assert stamp(w["answered_at"]) - stamp(w["captured_at"]) == pytest.approx(
+        w["latency_ms"] / 1000, abs=0.002)
+
+
+def test_a_restarted_source_reconnects_and_its_stream_restarts_from_a_keyframe(recorded):
+    run = recorded.run
+    kinds = [re.match(r"^\S+ \S+ \S+ (\w+)", line).group(1) for line in run.events("cam-a")]
+    # lost, retried with backoff while down, connected again, restarted with START
+    assert kinds[0] == "connected" and "source_lost" in kinds and "reconnect" in kinds
+    after_loss = kinds[kinds.index("source_lost"):]
+    assert after_loss.index("connected") < after_loss.index("keyframe_restart")
+    assert any("first keyframe at stream time" in line for line in run.events("cam-a", "connected"))
+    windows = run.windows("cam-a")
+    resumed = [w for w in windows if w["reconnects"] == 1]
+    before = [w for w in windows if w["reconnects"] == 0]
+    # stream time keeps increasing across the restart; answers go on
+    assert resumed[0]["window_start_s"] >= before[-1]["window_end_s"] - 1e-3
+    assert all(w["answer"] for w in resumed)
+    # the first answer after the source came back: within the backoff's cap (10 s), the
+    # open (~1 s) and one stride; 20 s on a loaded machine
+    first = min(t for t, line in run.stdout if '"cam-a"' in line and '"reconnects": 1' in line)
+    assert first - recorded.restarted_at < 20
+
+
+def test_the_other_cameras_are_unaffected_by_a_lost_or_dead_one(recorded):
+    run = recorded.run
+    b = run.windows("cam-b")
+    assert all(w["reconnects"] == 0 for w in b)
+    # camera B's video is answered without a gap across camera A's outage
+    starts = [w["window_start_s"] for w in b]
+    assert starts == pytest.approx([i * STRIDE_S for i in range(len(starts))])
+    assert run.events("cam-b")[0] == run.events("cam-b", "connected")[0]
+    assert not run.events("cam-b", "source_lost") and not run.events("cam-b", "server_error")
+    # the dead camera retries for ever, with growing waits, naming itself and the cause
+    dead = run.events("cam-dead", "reconnect")
+    assert len(dead) >= 3 and "Connection refused" in dead[0]
+    waits = [float(re.search(r" in ([\d.]+) s", line).group(1)) for line in dead]
+    assert waits[2] > waits[0] and max(waits) <= 10.0 + 1e-9
+    assert not run.windows("cam-dead")
+
+
+def test_sigterm_ends_every_stream_with_end_and_exits_0(recorded):
+    run = recorded.run
+    assert recorded.returncode == 0, "\n".join(line for _, line in run.stderr[-20:])
+    assert any("ending every stream with END" in line for _, line in run.stderr)
+    for sid in ("cam-a", "cam-b", "cam-dead"):
+        ended = run.events(sid, "ended")
+        assert len(ended) == 1 and "stopped" in ended[0], sid
+    # The server held both live streams while watched, and none of them once the client
+    # exited: END frees their state at once (no TTL wait).
+    assert recorded.active_during == recorded.active_before + 2
+    assert recorded.active_after == recorded.active_before
+
+
+# -- overload -----------------------------------------------------------------------------
+
+def test_an_overloaded_server_gets_merged_windows_counted_and_bounded_latency(
+        server, tmp_path):
+    """Four cameras asking for ten requests a second each, every frame analysed by the
+    dense policy and the whole window re-prefilled (refresh full): more than any CPU server
+    answers in real time, so windows must be dropped, not queued."""
+    from codecsight_client import settings as defaults
+    from codecsight_client.stream import connect
+
+    clip = make_clip(tmp_path / "big.mp4", 20.0, size=(384, 224))
+    seen = Recorder()
+    with RtspServer({f"/c{i}": clip for i in range(4)}) as rtsp:
+        cameras = [Camera(f"over-{i}", rtsp.url(f"/c{i}"), policy="dense", refresh="full",
+                          analysis_fps=10, window_seconds=2.0, stride_seconds=0.1)
+                   for i in range(4)]
+        watcher = Watcher(connect(server.grpc_url), cameras, Observers([seen]),
+                          tokens={c.stream_id: "t" for c in cameras}).start()
+        time.sleep(12)
+        watcher.stop()
+        assert watcher.wait(120)
+    drops = {c.stream_id: [e for e in seen.events if e.stream_id == c.stream_id and
+                           e.kind == "drop"] for c in cameras}
+    assert sum(map(len, drops.values())) > 0
+    for camera in cameras:
+        windows = [w for w in seen.windows if w.stream_id == camera.stream_id]
+        assert windows, camera.stream_id
+        counts = [w.dropped_windows for w in windows]
+        assert counts == sorted(counts)                     # running counts
+        merged = [w for w, before in zip(windows[1:], counts) if w.dropped_windows > before]
+        # a merged request carries its dropped strides' video, and reports it
+        assert all(w.window_end_s - w.window_start_s > 1.5 * camera.stride for w in merged)
+        assert len(drops[camera.stream_id]) == len(merged) + (counts[0] > 0)
+        # Latency stays bounded: a chunk waits at most for the queue ahead of it and the
+        # request in flight, then its own request; 1 s for threads on a loaded machine.
+        slowest = max(w.request_ms for w in windows)
+        assert max(w.latency_ms for w in windows) <= \
+            (defaults.QUEUE_DEPTH + 1) * slowest + 1000, camera.stream_id
+        # and never about stale video: the last answer is about video from its last moments
+        assert windows[-1].window_end_s > windows[0].window_end_s
