@@ -16,7 +16,8 @@ from transformers.video_utils import VideoMetadata
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
 from codecsight.checkpoint import build_tiny_family
-from codecsight.families import family_for_dir, qwen3_vl
+from codecsight.families import CheckpointSettings, family_for_dir, qwen3_vl
+from codecsight.families.base import TEXT_POSITION_RULES
 from codecsight.llm import REFRESH_FULL, REFRESH_SELECTIVE, KVWindow, VisualLM, WindowFrame
 from codecsight.vision import patchify
 
@@ -386,3 +387,22 @@ def test_an_anchor_re_prefilled_after_a_slide_is_exact_in_every_layer(checkpoint
     reused_top = float((slid.cache.layers[last].keys[:, :, after]
                         - fresh.cache.layers[last].keys[:, :, after]).abs().max())
     assert reused_top > 1e-4    # not vacuous: a reused row above layer 0 is approximate
+
+
+def test_both_text_position_rules_agree_for_qwen3(checkpoint):
+    """A Qwen3 block is one temporal patch, so "previous maximum + 1" and transformers 5.23's
+    "start + max(h, w)" put the text after it at the same position (here the grid is wider
+    than tall and a frame is fully pruned: the rule still counts the whole grid)."""
+    family, model, tokenizer, _ = checkpoint
+    keep = np.ones((3, GRID_H, GRID_W), bool)
+    keep[2] = False
+    frames, indices = sampled_video(3)
+    tokens = family.vision_tower(model).encode(*pair_patches(family, frames, keep))
+    window = window_frames(tokens, indices, keep)
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    layouts = [type(family)(family.config, family.preprocessor, CheckpointSettings("pairs", rule))
+               .layout(window, ids_of, 0, family.seconds_per_t(ANALYSIS_FPS))
+               for rule in TEXT_POSITION_RULES]
+    assert len({lay.text_start for lay in layouts}) == 1
+    for a, b in zip(layouts[0].frames, layouts[1].frames):
+        assert torch.equal(a.positions, b.positions)
