@@ -406,3 +406,20 @@ def test_both_text_position_rules_agree_for_qwen3(checkpoint):
     assert len({lay.text_start for lay in layouts}) == 1
     for a, b in zip(layouts[0].frames, layouts[1].frames):
         assert torch.equal(a.positions, b.positions)
+
+
+def test_a_real_checkpoints_preprocessor_config_sets_the_geometry():
+    """Qwen3-VL's published preprocessor_config.json gives size.shortest_edge, not
+    min_pixels; its mean and std are 0.5 (the defaults when the file is absent too)."""
+    config = {"model_type": "qwen3_vl", "vision_config": {
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "out_hidden_size": 2048, "deepstack_visual_indexes": [5, 11, 17]},
+        "text_config": {"hidden_size": 2048}}
+    preprocessor = {"size": {"longest_edge": 16777216, "shortest_edge": 65536},
+                    "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    family = qwen3_vl.Qwen3VL(config, preprocessor, CheckpointSettings("pairs", "previous_max"))
+    assert family.geometry.min_pixels == 65536 and family.geometry.group_pixels == 32
+    assert family.token_width == 4 * 2048
+    bare = qwen3_vl.Qwen3VL(config, {}, CheckpointSettings("pairs", "previous_max"))
+    assert bare.geometry.image_mean == (0.5, 0.5, 0.5) and bare.geometry.min_pixels is None

@@ -371,8 +371,14 @@ class Qwen3VL(Family):
         # Qwen3-VL's processors normalise with mean = std = 0.5 unless the checkpoint says.
         geometry = super()._geometry()
         pre = self.preprocessor
+        # Qwen3-VL's configs give the smallest picture as size.shortest_edge (pixels), not
+        # min_pixels: the same bound for smart_resize.
+        min_pixels = geometry.min_pixels
+        if min_pixels is None and "shortest_edge" in (pre.get("size") or {}):
+            min_pixels = int(pre["size"]["shortest_edge"])
         return dataclasses.replace(geometry, image_mean=tuple(pre.get("image_mean", IMAGE_MEAN)),
-                                   image_std=tuple(pre.get("image_std", IMAGE_STD)))
+                                   image_std=tuple(pre.get("image_std", IMAGE_STD)),
+                                   min_pixels=min_pixels)
 
     def model_class(self):
         return model_class(self.model_types[0])
