@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import shutil
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -35,7 +36,9 @@ CHROMIUM = "/usr/lib/chromium/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOT = REPO_ROOT / "perf" / "out" / "dashboard.png"
+SCREENSHOT = REPO_ROOT / "perf" / "out" / "dashboard.png"   # the README's, from the watcher
+OBSERVER_SCREENSHOT = REPO_ROOT / "perf" / "out" / "dashboard-observer.png"
+CLIENT = REPO_ROOT / ".venv" / "bin" / "codecsight-client"
 XSS_QUESTION = 'is <script>window.__xss = 1</script> anyone "moving" & <b>where</b>?'
 
 
@@ -144,9 +147,9 @@ def highlighted_share(overlay: np.ndarray, frame: np.ndarray, grid, cell: int) -
 
 
 @pytest.mark.server
-def test_the_operator_page_in_chromium(server):
+def test_the_page_shows_real_answers_and_overlays_that_match_their_parse_stats(server):
     playwright = pytest.importorskip("playwright.sync_api")
-    chunks = list(itertools.islice(iter_chunks(CLIP, 2.0), 8))   # 16 s, 2 s per answer
+    chunks = list(itertools.islice(iter_chunks(CLIP, 2.0), 6))   # 12 s, 2 s per answer
     ids = [new_id("page-cam"), new_id("page-xss")]
     board = start_dashboard("127.0.0.1:0")
     records = {sid: [] for sid in ids}
@@ -163,7 +166,7 @@ def test_the_operator_page_in_chromium(server):
                 time.sleep(0.05)
             assert board.wants_chunks
             threads = [threading.Thread(target=drive, args=(
-                board, connect(server.grpc_url), sid, q, chunks, 0.4, records[sid]), daemon=True)
+                board, connect(server.grpc_url), sid, q, chunks, 0.2, records[sid]), daemon=True)
                 for sid, q in zip(ids, ["is anyone moving?", XSS_QUESTION])]
             for t in threads:
                 t.start()
@@ -181,7 +184,9 @@ def test_the_operator_page_in_chromium(server):
                 sorted(ids)
             for sid in ids:
                 card = page.locator(f'.card[data-stream-id="{sid}"]')
-                assert card.locator(".answer").text_content() == records[sid][-1].answer
+                # (the tiny demo model may answer nothing; the page says so)
+                assert card.locator(".answer").text_content() == (records[sid][-1].answer
+                                                                  or "(empty answer)")
                 assert f"{len(chunks)} windows" in card.locator(".answer-time").text_content()
 
             # The <script> question is text: shown verbatim, never run, no element made.
@@ -218,11 +223,110 @@ def test_the_operator_page_in_chromium(server):
             assert any(c["thumbnail"]["stats_kept_share"] < 1 for c in api["streams"])
             latencies = page.evaluate("window.codecsight.latencies.map(l => l.ms)")
             assert all(ms >= 0 for ms in latencies) and max(latencies) < 30_000
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            wait_until(page, "[...document.querySelectorAll('.plot img')].every("
-                             "i => i.complete && i.naturalWidth > 0)")
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            OBSERVER_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(OBSERVER_SCREENSHOT), full_page=True)
             browser.close()
     finally:
         board.close()
+    assert OBSERVER_SCREENSHOT.stat().st_size > 10_000
+
+
+# --- the issue's test: a real watcher replaying the clip in real time, with --dashboard -------
+
+def start_watcher(tmp_path, server, questions: dict[str, str]):
+    """codecsight-client watch CONFIG --dashboard 127.0.0.1:0 on the bundled clip, replayed
+    in real time; returns (process, page URL)."""
+    cameras = "".join(f"\n[[cameras]]\nstream_id = {json.dumps(sid)}\nurl = {json.dumps(CLIP)}"
+                      f"\nquestion = {json.dumps(q)}\n" for sid, q in questions.items())
+    config = tmp_path / "cameras.toml"
+    config.write_text(f"server = {json.dumps(server.grpc_url)}\n[defaults]\n"
+                      "replay_realtime = true\nfps = 2.0\nwindow_seconds = 4.0\n"
+                      f"stride_seconds = 2.0\n{cameras}")
+    proc = subprocess.Popen([str(CLIENT), "watch", str(config), "--dashboard", "127.0.0.1:0",
+                             "--token-file", str(tmp_path / "secret")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "operator page at " in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(60):
+        proc.kill()
+        pytest.fail("the watcher printed no page URL:\n" + "".join(lines[-20:]))
+    url = next(l for l in lines if "operator page at " in l).split("operator page at ")[1]
+    return proc, url.strip(), lines
+
+
+@pytest.mark.server
+def test_a_real_time_watcher_serves_the_operator_page(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CLIENT.exists():
+        pytest.fail(f"{CLIENT} is missing: pip install -e . first")
+    ids = [new_id("gate"), new_id("yard")]
+    questions = dict(zip(ids, ["is anyone moving?", XSS_QUESTION]))
+    proc, url, lines = start_watcher(tmp_path, server, questions)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            wait_until(page, "window.codecsight !== undefined")
+            page.evaluate("window.__sameDocument = true")
+            # A card per stream.
+            wait_until(page, "document.querySelectorAll('.card').length == 2")
+            assert sorted(page.locator(".card").evaluate_all(
+                "cs => cs.map(c => c.dataset.streamId)")) == sorted(ids)
+            # Answers update without a reload: at least two answers per stream arrive while
+            # the page is open (2 s strides; a loaded CI machine answers one in ~1-4 s).
+            wait_until(page, "Object.keys(window.codecsight.latencies.reduce((n, l) => "
+                             "(n[l.stream_id] = (n[l.stream_id] || 0) + 1, n), {}))"
+                             ".length == 2 && window.codecsight.latencies.length >= 4",
+                       timeout_s=60)
+            assert page.evaluate("window.__sameDocument") is True
+            # The overlay (after the page's decoders met a keyframe: every 4.8 s in the
+            # clip) and its highlighted share against the frame's PARSE_STATS kept share.
+            wait_until(page, "[...document.querySelectorAll('img.overlay')].length == 2 && "
+                             "[...document.querySelectorAll('img.overlay')].every(i => "
+                             "!i.hidden && i.complete && i.naturalWidth > 0)", timeout_s=60)
+            # Not only whole frames: once the clip's cars move the codec policy prunes (and
+            # the README's screenshot shows what that looks like).
+            deadline = time.monotonic() + 45
+            while True:
+                api = json.loads(page.request.get(url + "api/streams").body())
+                shares = [c["thumbnail"].get("stats_kept_share") for c in api["streams"]]
+                if any(s is not None and s < 0.9 for s in shares):
+                    break
+                assert time.monotonic() < deadline, f"only whole frames drawn: {shares}"
+                time.sleep(0.5)
+            for card in api["streams"]:
+                thumb = card["thumbnail"]
+                images = [np.asarray(Image.open(io.BytesIO(page.request.get(
+                    url + thumb[key].lstrip("/")).body())), dtype=float)
+                    for key in ("overlay_url", "frame_url")]
+                shown = highlighted_share(*images, thumb["grid"], thumb["cell_px"])
+                assert shown == pytest.approx(thumb["stats_kept_share"], abs=1e-4), \
+                    card["stream_id"]
+            # The <script> question is text, not markup, and never ran.
+            card = page.locator(f'.card[data-stream-id="{ids[1]}"]')
+            assert card.locator(".question").text_content() == XSS_QUESTION
+            assert page.evaluate("window.__xss") is None
+            assert card.locator("script, b").count() == 0
+            wait_until(page, "[...document.querySelectorAll('.plot img')].every("
+                             "i => !i.hidden && i.complete && i.naturalWidth > 0)")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)   # the watcher ends every stream with END
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, "".join(lines[-20:])
     assert SCREENSHOT.stat().st_size > 10_000

@@ -128,8 +128,9 @@ class Dashboard(Observer):
             cards = [self.cards[k] for k in sorted(self.cards)]
         return {"generated_at": iso(utc_now()), "streams": [self.card_json(c) for c in cards]}
 
-    def image(self, stream_id: str, kind: str) -> bytes | None:
-        """PNG bytes of a stream's frame, overlay or plot; None when there is none yet."""
+    def image(self, stream_id: str, kind: str, version: int | None = None) -> bytes | None:
+        """PNG bytes of a stream's frame, overlay (of that thumbnail version; None: the
+        latest) or plot; None when there is none (yet, or any more)."""
         card = self.cards.get(stream_id)
         if card is None:
             return None
@@ -144,7 +145,7 @@ class Dashboard(Observer):
                 cached = self._plots[stream_id] = (version, render_plot(
                     points, HISTORY_SECONDS / 60))
             return cached[1]
-        thumb = card.thumbnail
+        thumb = card.thumbnail_at(version)
         if thumb is None:
             return None
         return thumb.frame_png if kind == "frame" else thumb.overlay_png

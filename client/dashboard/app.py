@@ -2,7 +2,8 @@
 
 Routes: GET / (the page), GET /api/streams (every card as JSON), GET /events (server-sent
 events: one `stream` event per changed card, the same JSON), GET /streams/{id}/frame.png,
-overlay.png and plot.png, GET /static/* (the page's script and style).
+overlay.png (?v=N: that thumbnail version, kept for a few seconds) and plot.png, GET
+/static/* (the page's script and style).
 
 Stream text (IDs, questions, answers, event messages) is untrusted: it only ever travels as
 JSON and the page sets it with textContent; the Content-Security-Policy allows no inline
@@ -73,8 +74,10 @@ def build_app(board, allowed_hosts: list[str]) -> Starlette:
     def image(kind: str):
         async def endpoint(request: Request):
             stream_id = request.path_params["stream_id"]
-            # matplotlib and PNG encoding take milliseconds: off the event loop.
-            data = await asyncio.to_thread(board.image, stream_id, kind)
+            version = request.query_params.get("v", "")
+            version = int(version) if version.isdigit() and kind != "plot" else None
+            # matplotlib takes tens of milliseconds: off the event loop.
+            data = await asyncio.to_thread(board.image, stream_id, kind, version)
             if data is None:
                 return PlainTextResponse(f"no {kind} image for stream {stream_id!r} yet",
                                          status_code=404)

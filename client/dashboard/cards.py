@@ -16,6 +16,7 @@ from codecsight_client.observe import StreamEvent, WindowRecord, iso
 
 TIMELINE_LENGTH = 40         # answers kept for the card's timeline
 EVENTS_KEPT = 12             # latest events listed on a card
+THUMBNAILS_KEPT = 4          # thumbnail versions still served (at most 1 new per second)
 HISTORY_SECONDS = 300.0      # the plot covers the last 5 minutes
 PLOT_EVERY_S = 5.0           # the plot is redrawn at most this often per stream (matplotlib
                              # costs ~30-60 ms a figure on the 2-core machine)
@@ -91,6 +92,9 @@ class StreamCard:
         self.groups_per_frame: int | None = None
         self.thumbnail: Thumbnail | None = None
         self.thumbnail_version = 0
+        # The last few by version: a page (or a test) holding a URL of a card's JSON gets
+        # that very frame and overlay, never a newer one that arrived in between.
+        self.thumbnails: collections.OrderedDict = collections.OrderedDict()
         self.thumbnail_status = "decoded only while a page is open"
 
     def add_record(self, record: WindowRecord) -> None:
@@ -164,9 +168,17 @@ class StreamCard:
             if thumbnail is not None:
                 self.thumbnail = thumbnail
                 self.thumbnail_version += 1
+                self.thumbnails[self.thumbnail_version] = thumbnail
+                while len(self.thumbnails) > THUMBNAILS_KEPT:
+                    self.thumbnails.popitem(last=False)
             if thumbnail is not None or status != self.thumbnail_status:
                 self.version += 1
             self.thumbnail_status = status
+
+    def thumbnail_at(self, version: int | None) -> Thumbnail | None:
+        """The thumbnail of that version (None: the latest), or None when gone or never made."""
+        with self.lock:
+            return self.thumbnail if version is None else self.thumbnails.get(version)
 
     def plot_points(self) -> tuple[int, list]:
         """(plot version, [(seconds ago, kept share, latency ms)])."""

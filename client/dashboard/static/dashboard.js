@@ -140,9 +140,12 @@ function render(data) {
   }
 
   const h = data.health;
+  const counts = Object.entries(h.event_counts).map(([k, n]) => k + " " + n).join(", ");
   p.health.textContent = "reconnects " + h.reconnects + " · dropped windows "
-    + h.dropped_windows + " · errors " + h.errors;
-  p.health.classList.toggle("bad", h.reconnects + h.dropped_windows + h.errors > 0);
+    + h.dropped_windows + " (as of the last answer) · errors " + h.errors
+    + (counts ? " · events: " + counts : "");
+  p.health.classList.toggle("bad", h.reconnects + h.dropped_windows + h.errors
+    + (h.event_counts.drop || 0) + (h.event_counts.source_lost || 0) > 0);
   p.events.replaceChildren(...h.events.slice().reverse().map((e) =>
     el("li", null, clockTime(e.at) + " " + e.kind + ": " + e.message)));
   window.codecsight.updates += 1;
