@@ -175,6 +175,38 @@ def measure_spread(counts=(8, 32), instances=(2, 3, 4), repeats: int = 3) -> dic
             "kubernetes_pods_predicted": k8s}
 
 
+def measure_standin_latency(payload_bytes: int, calls: int) -> dict:
+    """The proxy's own cost per inference request: ModelInfer carrying payload_bytes (a
+    chunk's size) to a stand-in, straight and through nginx, interleaved call by call; no
+    model time to hide it (the stand-in answers at once)."""
+    stand_in = StandIn("instance-0").start()
+    payload = bytes(payload_bytes)
+    request = service_pb2.ModelInferRequest(model_name="ensemble", id="cam-0000",
+                                            raw_input_contents=[payload])
+    metadata = [(STREAM_ID_HEADER, "cam-0000")]
+    times = {"direct": [], "proxied": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, \
+                StandInProxy([stand_in], Path(tmp)) as proxy, \
+                grpc.insecure_channel(stand_in.address) as channel:
+            # grpc's default 4 MiB receive limit is the stand-in's; chunks are below it.
+            stubs = {"direct": service_pb2_grpc.GRPCInferenceServiceStub(channel),
+                     "proxied": proxy.stub}
+            for path in stubs:   # warm both connections (TCP, HTTP/2, nginx keepalive)
+                stubs[path].ModelInfer(request, metadata=metadata, timeout=10)
+            for i in range(calls):
+                for path in (("direct", "proxied") if i % 2 else ("proxied", "direct")):
+                    t0 = time.perf_counter()
+                    stubs[path].ModelInfer(request, metadata=metadata, timeout=10)
+                    times[path].append(time.perf_counter() - t0)
+    finally:
+        stand_in.stop()
+    paired = [(p - d) * 1000 for p, d in zip(times["proxied"], times["direct"])]
+    return {"payload_bytes": payload_bytes, "direct": _summary_ms(times["direct"]),
+            "proxied": _summary_ms(times["proxied"]),
+            "added_p50_ms": round(_pct(paired, 50), 3), "added_p99_ms": round(_pct(paired, 99), 3)}
+
+
 # -------------------------------------------------------------------------------------------
 # Added latency and failover on real tritonservers
 
@@ -289,6 +321,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", type=int, default=6, help="chunks per stream")
     parser.add_argument("--stride-seconds", type=float, default=2.0)
     parser.add_argument("--cheap-calls", type=int, default=400)
+    parser.add_argument("--standin-calls", type=int, default=1000,
+                        help="chunk-sized requests to a stand-in, each path")
     parser.add_argument("--failover-streams", type=int, default=2,
                         help="streams per instance in the failover run")
     parser.add_argument("--json", type=Path)
@@ -311,6 +345,10 @@ def main(argv=None) -> int:
               "clip": clip, "stride_seconds": args.stride_seconds}
     print("spread over stand-in instances ...", file=sys.stderr, flush=True)
     result["spread"] = measure_spread()
+    chunk_bytes = sorted(len(c.data) for c in chunks)[len(chunks) // 2]
+    print(f"proxy cost per request ({chunk_bytes} B, the median chunk) ...", file=sys.stderr,
+          flush=True)
+    result["standin_latency"] = measure_standin_latency(chunk_bytes, args.standin_calls)
     with Cluster(build(), args.instances) as cluster:
         print("latency: proxied vs direct ...", file=sys.stderr, flush=True)
         result["latency"] = measure_latency(cluster, chunks, settings, args.pairs,
@@ -330,15 +368,21 @@ def main(argv=None) -> int:
 
 def markdown(r: dict) -> str:
     """The results as the tables of perf/results/proxy.md."""
-    lat = r["latency"]
+    lat, own = r["latency"], r["standin_latency"]
     lines = ["## Proxy latency (ms per request; proxied and direct interleaved on one instance)",
              "", "| call | path | n | p50 | p99 |", "|---|---|---|---|---|"]
+    for path in ("direct", "proxied"):
+        s = own[path]
+        lines.append(f"| ModelInfer, {own['payload_bytes']} B chunk, stand-in instance | {path} "
+                     f"| {s['n']} | {s['p50_ms']} | {s['p99_ms']} |")
     for call, key in (("window (ensemble)", "windows"), ("is_model_ready", "is_model_ready")):
         for path in ("direct", "proxied"):
             s = lat[key][path]
             lines.append(f"| {call} | {path} | {s['n']} | {s['p50_ms']} | {s['p99_ms']} |")
     d = lat["windows"]["paired_difference_ms"]
-    lines += ["", f"Paired difference per window (proxied - direct, same chunk, same instance): "
+    lines += ["", f"**Added by the proxy per request** (chunk-sized ModelInfer, paired call by call): "
+              f"p50 {own['added_p50_ms']} ms, p99 {own['added_p99_ms']} ms.", ""]
+    lines += [f"Paired difference per window (proxied - direct, same chunk, same instance): "
               f"p50 {d['p50']} ms, p99 {d['p99']} ms over {d['n']} pairs. "
               f"is_model_ready added: p50 {lat['is_model_ready']['added_p50_ms']} ms, "
               f"p99 {lat['is_model_ready']['added_p99_ms']} ms.", "",

@@ -82,6 +82,27 @@ def test_a_request_without_the_header_is_refused_and_health_calls_pass(tmp_path)
             s.stop()
 
 
+def test_a_request_over_the_proxys_body_limit_is_a_clear_error(tmp_path):
+    """StandInProxy renders client_max_body_size 1 MiB: a 2 MiB request never reaches an
+    instance and comes back as RESOURCE_EXHAUSTED naming the stream and the limit."""
+    from tritonclient.grpc import service_pb2
+
+    stand_in = StandIn("instance-0").start()
+    try:
+        with StandInProxy([stand_in], tmp_path) as proxy:
+            request = service_pb2.ModelInferRequest(model_name="ensemble",
+                                                    raw_input_contents=[bytes(2 << 20)])
+            with pytest.raises(grpc.RpcError) as refused:
+                proxy.stub.ModelInfer(request, metadata=[("x-stream-id", "cam-big")],
+                                      timeout=10)
+    finally:
+        stand_in.stop()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details().startswith(f"{PROXY_ERROR_PREFIX} stream cam-big")
+    assert "client_max_body_size=1048576" in refused.value.details()
+    assert stand_in.seen == []
+
+
 class _Answer:
     """An ensemble answer "ok" with every required statistic 0."""
 
