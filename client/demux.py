@@ -515,6 +515,17 @@ def nal_unit_types(data: bytes, codec: str = "h264") -> list[int]:
     return [nal_type for _, nal_type in nal_units(data, codec)]
 
 
+# NAL unit types of a picture a decoder can start at: H.264 IDR slice, HEVC IRAP (BLA/IDR/CRA).
+_RANDOM_ACCESS_NAL_TYPES = {"h264": {5}, "hevc": set(range(16, 22))}
+
+
+def is_keyframe_unit(access_unit: bytes, codec: str = "h264") -> bool:
+    """True if an Annex-B access unit holds a picture a fresh decoder can start at (H.264
+    IDR, HEVC IRAP), whatever comes in front of it (AUD, SEI, parameter sets)."""
+    kinds = _RANDOM_ACCESS_NAL_TYPES.get(codec, set())
+    return any(kind in kinds for kind in nal_unit_types(access_unit, codec))
+
+
 def last_keyframe_offset(data: bytes, codec: str = "h264") -> int:
     """Byte offset where the last keyframe's access unit starts in Annex-B data, or -1.
 

@@ -33,8 +33,7 @@ import tenacity
 from tritonclient.utils import InferenceServerException
 
 from codecsight_client import settings as defaults
-from codecsight_client.demux import (Chunk, iter_chunks, is_live, last_keyframe_offset,
-                                     probe)
+from codecsight_client.demux import Chunk, is_keyframe_unit, is_live, iter_chunks, probe
 from codecsight_client.observe import (Observer, StreamEvent, WindowRecord, utc_now)
 from codecsight_client.stream import StreamClient, StreamRefused, StreamSettings
 
@@ -111,7 +110,7 @@ def merge_chunks(older: Chunk, newer: Chunk, *, keep_s: float | None = None,
         for i, (size, t) in enumerate(zip(sizes, pts)):
             if t > end_s - keep_s:
                 break
-            if i and last_keyframe_offset(data[offset:offset + size], codec) == 0:
+            if i and is_keyframe_unit(data[offset:offset + size], codec):
                 first = i
             offset += size
         if first:
