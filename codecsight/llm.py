@@ -289,6 +289,8 @@ class KVWindow:
         self.positions = torch.zeros(3, 0, dtype=torch.int64)
         self.t0: int | None = None
         self.prefix_rows = 0
+        # Stream seconds per step of t (the stream's sampling rate; None: the VisualLM's).
+        self.seconds_per_t: float | None = None
 
     @property
     def rows(self) -> int:
@@ -341,7 +343,7 @@ class KVWindow:
             self.cache.keep_rows(keep)
             self.positions = self.positions[:, keep]
         # Where every row of the new window sits: kept rows come first, in their order.
-        layout = vlm.window_layout(frames, t0)
+        layout = vlm.window_layout(frames, t0, self.seconds_per_t)
         positions = torch.cat([layout.prefix_positions, *(r.positions for r in layout.frames)],
                               dim=1)
         slid = self.t0 is not None and t0 != self.t0
@@ -442,11 +444,13 @@ class VisualLM:
     def question_ids(self, question: str) -> list[int]:
         return self._ids(self.family.question_text(question))
 
-    def window_layout(self, frames: list[WindowFrame], t0: int | None = None):
-        """The family's WindowLayout of frames (t0: the frame t positions count from)."""
+    def window_layout(self, frames: list[WindowFrame], t0: int | None = None,
+                      seconds_per_t: float | None = None):
+        """The family's WindowLayout of frames (t0: the frame t positions count from;
+        seconds_per_t: the stream's, None: this VisualLM's default)."""
         if t0 is None:
             t0 = frames[0].t if frames else 0
-        return self.family.layout(frames, self._ids, t0, self.seconds_per_t)
+        return self.family.layout(frames, self._ids, t0, seconds_per_t or self.seconds_per_t)
 
     def embed_layout(self, frames: list[WindowFrame], layout, prefix: bool = True,
                      only: set[int] | None = None):
@@ -542,7 +546,7 @@ class VisualLM:
         t_start = time.perf_counter()
         sync = kv.sync(self, frames, refresh, anchor_frames)
         q_ids = torch.tensor(self.question_ids(question), dtype=torch.int64)
-        after = self.window_layout(frames).text_start
+        after = self.window_layout(frames, None, kv.seconds_per_t).text_start
         q_pos = torch.arange(after, after + len(q_ids)).expand(3, -1)
         logits = self.lm_head(self.forward(kv.cache, self.embed(q_ids), q_pos))
         prefill_ms = (time.perf_counter() - t_start) * 1000.0
@@ -583,8 +587,12 @@ class StreamSession:
     """One stream's LLM state: its window, KV cache, question and settings."""
 
     def __init__(self, window_seconds: float | None = None, *, window_frames: int | None = None,
-                 refresh: str = REFRESH_SELECTIVE, anchor_frames: int = 1):
+                 refresh: str = REFRESH_SELECTIVE, anchor_frames: int = 1,
+                 seconds_per_t: float | None = None):
+        """seconds_per_t: stream seconds per window-frame step of t (Family.seconds_per_t of
+        the stream's analysis rate); None: the VisualLM's default."""
         self.window = SlidingWindow(seconds=window_seconds, frames=window_frames)
+        self.seconds_per_t = seconds_per_t
         self.kv: KVWindow | None = None
         self.question = ""
         self.refresh = refresh
@@ -624,6 +632,7 @@ class StreamSession:
             return None, stats
         if self.kv is None:
             self.kv = KVWindow(vlm)
+            self.kv.seconds_per_t = self.seconds_per_t
         try:
             answer = vlm.answer(self.kv, current, self.question, self.refresh,
                                 self.anchor_frames)

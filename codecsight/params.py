@@ -49,8 +49,10 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
         "max_state_bytes": int,
         "default_refresh": REFRESH_POLICIES,
         "anchor_refresh_frames": int,
+        "report_first_logits": bool,     # LLM_STATS carries them (exactness tests)
     },
     "vit_pruned": {                      # configs/cpu.pbtxt: ONNX Runtime in the Python backend
+        "model_dir": str,                # the checkpoint: its family (and a torch tower's weights)
         "onnx_file": str,
         "max_patches": int,
         "intra_op_threads": int,

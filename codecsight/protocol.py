@@ -103,7 +103,9 @@ MODEL_TENSORS: dict[str, dict[str, tuple[TensorSpec, ...]]] = {
                         (POSITIONS, "TYPE_INT64", [-1, 3]),
                         (FRAME_META, "TYPE_INT64", _FRAME_META_DIMS),
                         (QUESTION, "TYPE_STRING", [1]), (REFRESH, "TYPE_STRING", [1]),
-                        (WINDOW_SECONDS, "TYPE_FP32", [1])),
+                        (WINDOW_SECONDS, "TYPE_FP32", [1]),
+                        # the sampling rate: Qwen2.5-VL's temporal ids follow stream time
+                        (ANALYSIS_FPS, "TYPE_FP32", [1])),
         "output": _specs((ANSWER, "TYPE_STRING", [1]), (LLM_STATS, "TYPE_STRING", [1])),
     },
     "ensemble": {
@@ -304,6 +306,8 @@ class LlmStats(_WireStats):
     active_streams: int | None = None  # set by the model: streams this instance holds
     state_bytes: int | None = None   # set by the model: bytes the stream's state holds
     batch_size: int | None = None    # set by the model: requests in this execution
+    first_logits: list | None = None  # the first answer token's logits [vocab], only when
+    #                                   llm_prefill's report_first_logits is on (exactness tests)
 
     _EMPTY = dict(refresh="", frames_added=0, frames_dropped=0, window_frames=0,
                   window_frame_range=None, window_t_range=None, tokens_prefilled=0,

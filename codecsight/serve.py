@@ -241,21 +241,29 @@ def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
     """Copy a model repository for another checkpoint.
 
     Sets every model's `model_dir` parameter, and the fixed trailing dims of the visual
-    tensors (patch length, token width) that the TensorRT config spells out.
+    tensors (patch length, token width) that the TensorRT config spells out. For the
+    checkpoint's family (codecsight.families): a tower without a sound ONNX export, or one that
+    needs each frame's grid (position_columns 5, which gets FRAME_META), is served in the
+    Python backend in every config (the TensorRT config is replaced by the CPU one).
     """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from codecsight.checkpoint import Geometry
-    from codecsight.protocol import PATCHES, TOKENS
+    from codecsight.protocol import FRAME_META, PATCHES, TOKENS
 
-    geometry = Geometry.from_model_dir(model_dir)
-    widths = {PATCHES: geometry.patch_dim, TOKENS: geometry.vision_hidden}
+    family = families.family_for_dir(model_dir)
+    geometry = family.geometry
+    widths = {PATCHES: geometry.patch_dim, TOKENS: family.token_width}
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns(
         "__pycache__", "*.onnx", "*.onnx.data", "*.plan"))
+    vit = dest / "vit_pruned"
+    if not family.onnx_exportable or family.position_columns != 3:
+        # The Python-backend model widens POSITIONS with FRAME_META before the tower, and runs
+        # a torch tower: a TensorRT plan's fixed inputs can do neither.
+        shutil.copy2(vit / "configs" / "cpu.pbtxt", vit / "config.pbtxt")
     for config_path in list(dest.glob("*/config.pbtxt")) + list(dest.glob("*/configs/*.pbtxt")):
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
         if "model_dir" in config.parameters:
@@ -263,8 +271,22 @@ def render_repository(source: Path, dest: Path, model_dir: Path) -> Path:
         for tensor in list(config.input) + list(config.output):
             if tensor.name in widths and tensor.dims and tensor.dims[-1] != -1:
                 tensor.dims[-1] = widths[tensor.name]
+        if family.position_columns == 5:
+            _map_frame_meta_to_vit(config, FRAME_META)
         config_path.write_text(text_format.MessageToString(config))
     return dest
+
+
+def _map_frame_meta_to_vit(config, frame_meta: str) -> None:
+    """vit_pruned takes FRAME_META (each frame's grid) and the ensemble feeds it."""
+    if config.name == "vit_pruned" and all(i.name != frame_meta for i in config.input):
+        tensor = config.input.add(name=frame_meta, data_type=config.input[1].data_type)
+        tensor.dims.extend([-1, -1])
+        tensor.allow_ragged_batch = config.input[1].allow_ragged_batch
+    if config.platform == "ensemble":
+        for step in config.ensemble_scheduling.step:
+            if step.model_name == "vit_pruned" and frame_meta not in step.input_map:
+                step.input_map[frame_meta] = "frame_meta"
 
 
 # -------------------------------------------------------------------------------------------
@@ -306,6 +328,10 @@ def build(model_dir: Path = DEFAULT_MODEL_DIR, repository: Path = DEFAULT_REPOSI
 
     progress = progress or _quiet
     model_dir = require_checkpoint(model_dir)
+    family = families.family_for_dir(model_dir)
+    if not family.onnx_exportable:
+        progress(f"{family.title}: vit_pruned serves the torch tower (no ONNX export)")
+        return Path(repository)
     onnx_path = Path(repository) / "vit_pruned" / "1" / "model.onnx"
     weights = model_dir / "model.safetensors"
     stale = onnx_path.is_file() and weights.is_file() and \

@@ -292,7 +292,8 @@ class PrunedVisionEncoder(torch.nn.Module):
 
 
 def _example_batch(geometry: Geometry, batch: int, frames: int, groups_h: int, groups_w: int,
-                   kept_per_frame: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                   kept_per_frame: int, seed: int,
+                   position_columns: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Random patch sets of equal length: float32 [B, N, patch_dim], int64 [B, N, 3].
 
     Every item keeps the same number of random merge groups per frame and uses the same t
@@ -309,7 +310,12 @@ def _example_batch(geometry: Geometry, batch: int, frames: int, groups_h: int, g
             keep[f, rng.choice(groups_h * groups_w, kept_per_frame, replace=False)] = True
         items.append(patchify(pixels, geometry, np.arange(frames),
                               keep.reshape(frames, groups_h, groups_w)))
-    return np.stack([p for p, _ in items]), np.stack([q for _, q in items])
+    positions = np.stack([q for _, q in items])
+    if position_columns == 5:   # each frame's patch grid (Family.position_columns)
+        grid = np.broadcast_to(np.array([groups_h, groups_w]) * geometry.merge_size,
+                               positions.shape[:2] + (2,))
+        positions = np.concatenate([positions, grid], axis=-1)
+    return np.stack([p for p, _ in items]), positions
 
 
 def _renamed_axes(shape, names: Sequence[str]):
@@ -339,13 +345,15 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) ->
                          "serves it with torch (families.Family.onnx_exportable)")
     geometry = family.geometry
     print(f"[export] loading vision tower from {model_dir}", flush=True)
-    encoder = PrunedVisionEncoder.from_model_dir(model_dir)
+    model, _ = family.load(model_dir)
+    encoder = family.vision_tower(model).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
     embed = weight_bytes <= _MAX_EMBEDDED_WEIGHT_BYTES
 
     # Sizes above 1 on both axes: torch.export specialises axes whose example size is 0 or 1.
     patches, positions = _example_batch(geometry, batch=2, frames=2, groups_h=2, groups_w=3,
-                                        kept_per_frame=4, seed=0)
+                                        kept_per_frame=4, seed=0,
+                                        position_columns=family.position_columns)
     example = (torch.from_numpy(patches), torch.from_numpy(positions))
     # N = patches_per_group * groups: stating the multiple keeps the merger's reshape to
     # [N/4, 4*embed] valid for every N the graph accepts.
@@ -370,7 +378,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) ->
     program.model.metadata_props.update({
         META_PATCHES_PER_GROUP: str(geometry.patches_per_group),
         META_PATCH_DIM: str(geometry.patch_dim),
-        META_VISION_HIDDEN: str(geometry.vision_hidden),
+        META_VISION_HIDDEN: str(family.token_width),
     })
     out_path.parent.mkdir(parents=True, exist_ok=True)
     program.save(out_path, external_data=not embed)
@@ -380,12 +388,15 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) ->
     # Verify at batch and patch counts the trace never saw, each item against torch alone
     # (which also proves that batch items do not see each other).
     patches, positions = _example_batch(geometry, batch=3, frames=2, groups_h=3, groups_w=4,
-                                        kept_per_frame=7, seed=1)
+                                        kept_per_frame=7, seed=1,
+                                        position_columns=family.position_columns)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     (got,) = session.run([OUTPUT_TOKENS], {INPUT_PATCHES: patches, INPUT_POSITIONS: positions})
-    expected = np.stack([encoder.encode(p, q) for p, q in zip(patches, positions)])
+    with torch.inference_mode():
+        expected = np.stack([encoder(torch.from_numpy(p), torch.from_numpy(q)).numpy()
+                             for p, q in zip(patches, positions)])
     max_diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
     if not max_diff <= 1e-4:
         raise RuntimeError(
@@ -432,9 +443,10 @@ class OnnxVisionEncoder:
         if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
             raise ValueError(f"patches must be [N, {self.patch_dim}], got {list(patches.shape)}")
         n = patches.shape[0]
-        if positions.shape != (n, 3):
-            raise ValueError(f"positions must be [N, 3] = [{n}, 3] (t, h, w) to match the "
-                             f"patches, got {list(positions.shape)}")
+        if positions.ndim != 2 or len(positions) != n or positions.shape[1] not in (3, 5):
+            raise ValueError(f"positions must be [N, 3] = [{n}, 3] (t, h, w; or [N, 5] with "
+                             f"each frame's patch grid) to match the patches, got "
+                             f"{list(positions.shape)}")
         if n % self.patches_per_group:
             raise ValueError(f"{n} patches is not a whole number of {self.patches_per_group}-patch "
                              "merge groups: keep or drop whole merge groups")
@@ -446,6 +458,61 @@ class OnnxVisionEncoder:
             INPUT_POSITIONS: np.ascontiguousarray(positions[None], dtype=np.int64),
         })
         return tokens[0]
+
+
+class TorchVisionEncoder:
+    """A family's pruned tower in torch on CPU, for families whose tower has no sound ONNX
+    export (Family.onnx_exportable False): the same call as OnnxVisionEncoder."""
+
+    def __init__(self, family, model_dir: str | Path, intra_op_threads: int | None = None):
+        if intra_op_threads:
+            torch.set_num_threads(intra_op_threads)
+        model, _ = family.load(model_dir)
+        self.tower = family.vision_tower(model).eval()
+        g = family.geometry
+        self.patches_per_group, self.patch_dim = g.patches_per_group, g.patch_dim
+        self.vision_hidden = family.token_width
+        self.position_columns = family.position_columns
+
+    @torch.inference_mode()
+    def __call__(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One patch set: float32 [N, patch_dim], int64 [N, position_columns] -> float32
+        [N/4, token_width]."""
+        if len(patches) == 0:
+            return np.zeros((0, self.vision_hidden), dtype=np.float32)
+        return self.tower(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
+                          torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+                          ).numpy()
+
+
+def served_encoder(family, model_dir: str | Path, onnx_path: str | Path,
+                   intra_op_threads: int | None = None):
+    """vit_pruned's encoder for a family: its ONNX export in ONNX Runtime where it has one
+    (FileNotFoundError if it was not built), else its torch tower."""
+    if not family.onnx_exportable:
+        return TorchVisionEncoder(family, model_dir, intra_op_threads)
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"{onnx_path} is missing: run `codecsight build` first")
+    return OnnxVisionEncoder(onnx_path, intra_op_threads)
+
+
+def frame_grid_positions(positions: np.ndarray, frame_meta: np.ndarray,
+                         merge_size: int) -> np.ndarray:
+    """positions int64 [N, 3] (t, h, w) -> [N, 5] (t, h, w, frame patch rows, frame patch
+    columns), each patch's frame found by t in frame_meta (FRAME_META rows): for towers whose
+    position embedding is resampled to the whole frame's grid (Qwen3-VL). ValueError if a
+    patch's t has no FRAME_META row."""
+    from codecsight.protocol import META
+
+    t = frame_meta[:, META["t"]]
+    order = np.argsort(t, kind="stable")
+    where = np.searchsorted(t[order], positions[:, 0])
+    where = np.minimum(where, max(len(t) - 1, 0))
+    if len(positions) and (not len(t) or (t[order][where] != positions[:, 0]).any()):
+        raise ValueError("a patch's t has no FRAME_META row: send each frame's metadata")
+    rows = order[where] if len(positions) else np.zeros(0, np.int64)
+    grid = frame_meta[rows][:, [META["grid_h"], META["grid_w"]]] * merge_size
+    return np.concatenate([positions, grid.astype(np.int64)], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,9 +581,11 @@ def pack_patch_sets(sets: Sequence[tuple[np.ndarray, np.ndarray]],
 
     for set_index, (patches, positions) in enumerate(sets):
         patches, positions = np.asarray(patches), np.asarray(positions)
-        if patches.ndim != 2 or positions.shape != (len(patches), 3):
+        if patches.ndim != 2 or positions.ndim != 2 or len(positions) != len(patches) \
+                or positions.shape[1] < 3:
             raise ValueError(f"patch set {set_index}: need patches [N, patch_dim] and positions "
-                             f"[N, 3], got {list(patches.shape)} and {list(positions.shape)}")
+                             f"[N, 3] (t, h, w, then any per-patch columns), got "
+                             f"{list(patches.shape)} and {list(positions.shape)}")
         n = len(patches)
         frame = _frame_index(positions[:, 0], set_index)
         if n <= max_patches:

@@ -13,19 +13,21 @@ def config(model="vit_pruned", backend="python", **values):
         k: {"string_value": v} for k, v in values.items()}})
 
 
-VIT = dict(onnx_file="model.onnx", max_patches="4096", intra_op_threads="0")
+VIT = dict(model_dir="../models/x", onnx_file="model.onnx", max_patches="4096",
+           intra_op_threads="0")
 
 
 def test_parameters_take_their_declared_types():
     out = params.read("vit_pruned", config(**VIT))
-    assert out == {"onnx_file": "model.onnx", "max_patches": 4096, "intra_op_threads": 0}
+    assert out == {"model_dir": "../models/x", "onnx_file": "model.onnx", "max_patches": 4096,
+                   "intra_op_threads": 0}
     assert isinstance(out["max_patches"], int)
 
 
 def test_an_unknown_parameter_is_an_error_naming_model_and_key():
     with pytest.raises(ValueError,
-                       match=r"model 'vit_pruned': unknown parameter\(s\) \['model_dir'\]"):
-        params.read("vit_pruned", config(**VIT, model_dir="../models/x"))
+                       match=r"model 'vit_pruned': unknown parameter\(s\) \['model_dri'\]"):
+        params.read("vit_pruned", config(**VIT, model_dri="../models/x"))
 
 
 def test_a_missing_parameter_is_an_error_naming_model_and_key():

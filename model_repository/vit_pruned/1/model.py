@@ -1,7 +1,10 @@
-"""vit_pruned on CPU: runs the ONNX export of the pruned vision tower with ONNX Runtime.
+"""vit_pruned on CPU: the checkpoint family's pruned vision tower (codecsight.families):
+its ONNX export in ONNX Runtime, or the torch tower for a family without a sound export.
 
 Requests that arrive together (several streams) are packed into micro-batches of at most
-max_patches patches; each stream's patches attend only within their own frames.
+max_patches patches; each stream's patches attend only within their own frames. A family
+whose tower needs each frame's grid (Family.position_columns 5: Qwen3-VL) also receives
+FRAME_META (the rendered repository maps it in) and gets it appended to POSITIONS.
 """
 
 import os
@@ -16,9 +19,10 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from codecsight import backend, params
-from codecsight.protocol import PATCHES, POSITIONS
+from codecsight.families import family_for_dir
+from codecsight.protocol import FRAME_META, PATCHES, POSITIONS
 from codecsight.requests import EncodeRequest
-from codecsight.vision import OnnxVisionEncoder, encode_patch_sets
+from codecsight.vision import encode_patch_sets, frame_grid_positions, served_encoder
 
 MODEL = "vit_pruned"
 
@@ -26,11 +30,13 @@ MODEL = "vit_pruned"
 class TritonPythonModel:
     def initialize(self, args):
         self.params = params.read(MODEL, args["model_config"])
+        model_dir = params.resolve_model_dir(args["model_repository"], self.params["model_dir"])
+        self.family = family_for_dir(model_dir)
         onnx_path = (Path(args["model_repository"]) / args["model_version"]
                      / self.params["onnx_file"])
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"{onnx_path} is missing: run `codecsight build` first")
-        self.encoder = OnnxVisionEncoder(onnx_path, self.params["intra_op_threads"] or None)
+        self.encoder = served_encoder(self.family, model_dir, onnx_path,
+                                      self.params["intra_op_threads"] or None)
+        self.merge_size = self.family.geometry.merge_size
 
     def execute(self, requests):
         responses, sets = [None] * len(requests), {}
@@ -42,7 +48,7 @@ class TritonPythonModel:
         try:
             tokens = encode_patch_sets(self.encoder, [(s.patches, s.positions)
                                                       for s in sets.values()],
-                                       self.params["max_patches"])
+                                       self.params["max_patches"], self.merge_size)
             for i, t in zip(sets, tokens):
                 responses[i] = backend.response(pb_utils, TOKENS=t)
         except Exception:
@@ -53,13 +59,17 @@ class TritonPythonModel:
         return responses
 
     def _read(self, request):
-        return EncodeRequest(request.correlation_id(),
-                             patches=backend.array(request, PATCHES, pb_utils),
-                             positions=backend.array(request, POSITIONS, pb_utils),
-                             ).validate(self.encoder.patch_dim, self.encoder.patches_per_group,
-                                        self.params["max_patches"])
+        encode = EncodeRequest(request.correlation_id(),
+                               patches=backend.array(request, PATCHES, pb_utils),
+                               positions=backend.array(request, POSITIONS, pb_utils),
+                               ).validate(self.encoder.patch_dim, self.encoder.patches_per_group,
+                                          self.params["max_patches"])
+        if self.family.position_columns == 5:
+            encode.positions = frame_grid_positions(
+                encode.positions, backend.array(request, FRAME_META, pb_utils), self.merge_size)
+        return encode
 
     def _encode_alone(self, patch_set):
         tokens = encode_patch_sets(self.encoder, [(patch_set.patches, patch_set.positions)],
-                                   self.params["max_patches"])[0]
+                                   self.params["max_patches"], self.merge_size)[0]
         return backend.response(pb_utils, TOKENS=tokens)
