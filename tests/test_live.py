@@ -209,6 +209,42 @@ def test_a_live_source_first_packets_without_pts_are_timed_on_from_zero(clip):
     assert chunks[0].starts_with_keyframe and chunks[0].picture_size == (192, 112)
 
 
+# -- the reader alone (no server): pacing and restarts ------------------------------------
+
+def read_only(camera: Camera) -> tuple:
+    """A camera's reader thread alone: (its queue, its events), the sender never started."""
+    from codecsight_client.live import CameraWatcher
+
+    seen = Recorder()
+    watcher = CameraWatcher(camera, None, seen, token="t", stop=threading.Event())
+    watcher._threads[0].start()
+    return watcher.queue, seen
+
+
+def test_replay_realtime_paces_a_file_like_a_camera(clip):
+    queue, _ = read_only(Camera("paced", str(clip), stride_seconds=1.0, replay_realtime=True))
+    arrived = []
+    while (item := queue.get()) is not None:
+        arrived.append((time.monotonic(), item.chunk))
+    # each chunk once its last frame's time has passed: 1 s apart, the 6 s clip in ~6 s
+    gaps = np.diff([t for t, _ in arrived])
+    assert len(arrived) == 6 and np.median(gaps) == pytest.approx(1.0, abs=0.25)
+    assert arrived[-1][0] - arrived[0][0] == pytest.approx(5.0, abs=1.0)
+
+
+def test_a_new_picture_size_restarts_the_stream_at_its_keyframe(tmp_path):
+    path = tmp_path / "resized.h264"
+    path.write_bytes(annexb(2.0, (96, 64)) + annexb(2.0, (128, 80), seed=1))
+    queue, seen = read_only(Camera("resized", str(path), stride_seconds=1.0))
+    items = []
+    while (item := queue.get()) is not None:
+        items.append(item)
+    assert [i.restart for i in items] == ["connected", None, "resolution_change", None]
+    assert items[2].chunk.picture_size == (128, 80) and items[2].chunk.starts_with_keyframe
+    changes = [e for e in seen.events if e.kind == "resolution_change"]
+    assert len(changes) == 1 and "128x80" in changes[0].message
+
+
 # -- a bad camera -------------------------------------------------------------------------
 
 class Recorder(Observer):
