@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,9 +97,17 @@ def run(config: Path, with_page: bool, skip_s: float, measure_s: float) -> dict:
                                         "max": answer[-1]} if answer else None,
                    event_to_render_ms={"median": statistics.median(event),
                                        "max": event[-1]} if event else None)
+        api = json.loads(page.request.get(url + "api/streams").body())
+        # Thumbnails drawn per stream (each card's image URLs carry the version).
+        out["thumbnails_drawn"] = [int((c["thumbnail"]["frame_url"] or "v=0").split("v=")[1])
+                                   for c in api["streams"]]
         browser.close()
         playwright.stop()
-    proc.wait(timeout=120)
+    proc.send_signal(signal.SIGTERM)   # measured: END every stream now
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
     return out
 
 

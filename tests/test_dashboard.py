@@ -90,6 +90,8 @@ def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_o
         board.on_stream("cam-a", "what moved?", clip_settings())
         board.on_event(StreamEvent("cam-a", "server_error",
                                    "echoed header s3cret-admin-key rejected"))
+        board.on_event(StreamEvent("cam-a", "source_lost",
+                                   "rtsp://admin:hunter2@10.0.0.5/stream1 went silent"))
         assert not board.wants_chunks
         seen = [get(board.url), get(board.url + "api/streams")]
         with urllib.request.urlopen(board.url + "events", timeout=10) as events:
@@ -97,6 +99,7 @@ def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_o
             assert board.wants_chunks
         text = b"".join(seen).decode()
         assert "s3cret-admin-key" not in text and "[admin key] rejected" in text
+        assert "hunter2" not in text and "rtsp://***@10.0.0.5/stream1" in text
         card = json.loads(get(board.url + "api/streams"))["streams"][0]
         assert card["health"]["errors"] == 1 and card["question"] == "what moved?"
         with pytest.raises(urllib.error.HTTPError, match="400"):   # DNS rebinding

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,8 @@ __all__ = ["Dashboard", "DashboardError", "parse_bind", "start_dashboard"]
 
 STARTUP_TIMEOUT_S = 15.0
 REDACTED = "[admin key]"
+# user:password@ in a camera URL (rtsp://admin:hunter2@10.0.0.5/...) that an event names.
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
 
 class DashboardError(RuntimeError):
@@ -106,6 +109,8 @@ class Dashboard(Observer):
             self.thumbnails.submit_chunk(stream_id, self._codecs.get(stream_id, "h264"), chunk)
 
     def _redact(self, text: str) -> str:
+        """Stream text as the page may show it: no admin key, no credentials in URLs."""
+        text = URL_CREDENTIALS.sub(r"\1***@", text)
         return text.replace(self._secret, REDACTED) if self._secret else text
 
     def _on_thumbnail(self, stream_id: str, thumbnail, status: str) -> None:
