@@ -40,6 +40,30 @@ RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 ADMIN_KEY_HEADER = "admin-key"
 
 
+def _libc_prctl():
+    """libc's prctl, looked up before any fork (a child between fork and exec must not
+    import or allocate); None where there is none (not Linux)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn for server children: SIGTERM them when the process that started them dies.
+
+    A killed test run or a `codecsight serve` that gets SIGKILL would otherwise leave its
+    tritonservers (GBs of memory each) running as orphans. Linux only; elsewhere a no-op.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ServerError(RuntimeError):
     """The server could not be started or did not become ready."""
 
@@ -177,7 +201,8 @@ class TritonServer:
             self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, env=server_env(), stdout=self._log_file,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         self.wait_ready(timeout_s, progress)
         return self
 

@@ -1,4 +1,10 @@
 """Server set-up that needs no running server: backend dir, environment, rendering."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -111,3 +117,27 @@ def test_a_failed_start_shows_the_models_error_lines_not_only_the_log_tail(tmp_p
     assert cause in tail and "motion_treshold_px" in tail
     assert "option 59" in tail and "option 29" not in tail
     assert "starting" not in tail   # an info line above the tail stays out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_server_children_die_with_the_process_that_started_them():
+    """A SIGKILLed parent (a killed test run, `codecsight serve` under kill -9) must not leave
+    its tritonservers running: die_with_parent makes the child get SIGTERM."""
+    code = ("import subprocess, sys, time; from codecsight.serve import die_with_parent; "
+            "p = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent, "
+            "start_new_session=True); print(p.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    state = None
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):   # reaped, or dead and waiting for init to reap it
+            break
+        time.sleep(0.05)
+    assert state in ("gone", "Z"), f"child {child} still running (state {state})"
