@@ -437,10 +437,12 @@ class CameraWatcher:
                 request_ms=window.latency_s * 1000.0, bytes_sent=window.bytes_sent,
                 dropped_windows=self.dropped_windows, reconnects=self.reconnects,
                 parse=window.parse, llm=window.llm, chunk=item.chunk))
-        if stream is not None and stream.started:
+        ended = stream is not None and stream.started
+        if ended:
             stream.end()
-        self.event("ended", f"END sent ({reason}); {self.windows} window(s) answered, "
-                   f"{self.dropped_windows} dropped, {self.reconnects} reconnect(s)")
+        self.event("ended", f"{'END sent' if ended else 'no stream open'} ({reason}); "
+                   f"{self.windows} window(s) answered, {self.dropped_windows} dropped, "
+                   f"{self.reconnects} reconnect(s)")
 
 
 class Watcher:
