@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,10 @@ from PIL import Image
 from codecsight import protocol as P
 from codecsight.serve import REPO_ROOT
 from codecsight_client.dashboard import DashboardError, parse_bind, start_dashboard
-from codecsight_client.dashboard.frames import DROPPED_RGBA, KEPT_RGBA
+from codecsight.checkpoint import Geometry
+from codecsight.parser import StreamParser
+from codecsight_client.dashboard.frames import (DROPPED_RGBA, KEPT_RGBA, STATUS_WAITING,
+                                                ThumbnailWorker)
 from codecsight_client.demux import iter_chunks
 from codecsight_client.observe import StreamEvent, WindowRecord, utc_now
 from codecsight_client.stream import StreamClient, connect
@@ -107,6 +109,38 @@ def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_o
                 board.url + "api/streams", headers={"Host": "evil.example"}), timeout=10)
     finally:
         board.close()
+
+
+def test_a_page_opened_mid_gop_waits_for_a_keyframe_then_draws_the_frames_sampled(tiny_dir):
+    """The thumbnail decoder joins at 2 s (the clip's keyframes: every 4.8 s); the server's
+    side is a real StreamParser that saw the whole stream."""
+    parser = StreamParser(Geometry.from_model_dir(tiny_dir), "h264", 12.5, 2.0,
+                          policy="codec")
+    seen = []   # (thumbnail or None, status)
+    worker = ThumbnailWorker(lambda sid, thumb, status: seen.append((thumb, status)),
+                             min_interval_s=0)
+    worker.set_active(True)
+    sampled = {}
+    for chunk in itertools.islice(iter_chunks(CLIP, 2.0), 5):
+        stats = parser.parse(chunk.data, au_bytes=chunk.au_sizes, au_pts=chunk.au_pts).stats
+        sampled.update({e["time_s"]: n for e, n in zip(stats.kept_masks,
+                                                        stats.groups_kept_per_frame)})
+        if chunk.index == 0:
+            continue   # the page opens now
+        worker.submit_chunk("cam", "h264", chunk)
+        worker.submit_record("cam", WindowRecord(
+            stream_id="cam", question="q", window_start_s=chunk.start_s,
+            window_end_s=chunk.end_s, captured_at=utc_now(), answered_at=utc_now(),
+            answer="", request_ms=0.0, bytes_sent=len(chunk.data), dropped_windows=0,
+            reconnects=0, parse=stats, llm=P.LlmStats.empty(), chunk=chunk))
+    worker.stop()
+    assert seen[0] == (None, STATUS_WAITING)
+    thumbs = [t for t, _ in seen if t is not None]
+    # Chunks 4-6 s, 6-8 s and 8-10 s: each answer's last sampled frame, once decodable.
+    assert [t.time_s for t in thumbs] == [5.52, 7.52, 9.52]
+    for thumb in thumbs:
+        assert thumb.stats_kept_groups == sampled[thumb.time_s] == thumb.kept_groups
+        assert thumb.grid == [16, 28] and thumb.picture_px == [466, 262]   # 768x432 at 17/28
 
 
 # --- in a real browser, with real answers -----------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import json
 import re
 import socket
 import threading
@@ -121,7 +122,6 @@ class Dashboard(Observer):
     def card_json(self, card: StreamCard) -> dict:
         data = card.to_json()
         if self._secret:   # belt and braces: no stream text may carry the admin key out
-            import json
             text = json.dumps(data)
             if self._secret in text:
                 data = json.loads(self._redact(text))
