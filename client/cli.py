@@ -209,12 +209,16 @@ def run_watcher(client, cameras, args, *, queue_depth: int = defaults.QUEUE_DEPT
     board = None
     if args.dashboard:
         try:
-            from codecsight_client.dashboard import start_dashboard
+            from codecsight_client.dashboard import DashboardError, start_dashboard
         except ImportError as e:
             print(f"codecsight-client: --dashboard needs codecsight_client.dashboard, which "
                   f"cannot be imported: {e}", file=sys.stderr)
             return 2
-        board = start_dashboard(args.dashboard, admin_key=None)
+        try:
+            board = start_dashboard(args.dashboard, admin_key=None)
+        except DashboardError as e:   # a port in use, a non-loopback address: say so, stop
+            print(f"codecsight-client: {e}", file=sys.stderr)
+            return 2
         observers.append(board)
         print(f"codecsight-client: operator page at {board.url}", file=sys.stderr, flush=True)
     tokens = {c.stream_id: stream_token(c.stream_id, getattr(args, "token_file", None))

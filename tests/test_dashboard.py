@@ -86,6 +86,21 @@ def test_a_port_in_use_is_a_clear_error_and_close_stops_serving():
         get(board.url + "api/streams")
 
 
+def test_the_watcher_stops_with_status_2_and_the_reason_when_the_port_is_taken(tmp_path):
+    board = start_dashboard("127.0.0.1:0")
+    try:
+        config = tmp_path / "cameras.toml"
+        config.write_text(f'[[cameras]]\nstream_id = "cam-1"\nurl = {json.dumps(CLIP)}\n')
+        bind = board.url.removeprefix("http://").rstrip("/")
+        done = subprocess.run([str(CLIENT), "watch", str(config), "--dashboard", bind],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        board.close()
+    assert done.returncode == 2
+    assert f"cannot serve the operator page on {bind}: the port is in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_open():
     board = start_dashboard("127.0.0.1:0", admin_key="s3cret-admin-key")
     try:
