@@ -156,3 +156,18 @@ def test_a_server_setting_is_measured_on_a_rendered_copy_of_the_repository(tiny_
     assert (DEFAULT_REPOSITORY / "llm_prefill" / "config.pbtxt").read_text() == committed
     with pytest.raises(KeyError, match="no parameter 'anchor_frames'"):
         ev.served_with(tiny_dir, tmp_path / "other", {"llm_prefill": {"anchor_frames": "2"}})
+
+
+def test_paired_drop_compares_two_runs_on_the_same_windows():
+    def rec(clip, window, answer, truth="yes", task="presence"):
+        return {"clip": clip, "window": window, "task": task, "truth": truth, "answer": answer}
+
+    full = [rec(c, w, "yes") for c in (1, 2, 3) for w in range(4)]
+    selective = [rec(c, w, "no" if (c, w) == (1, 0) else "yes") for c in (1, 2, 3)
+                 for w in range(4)]
+    drop = ev.paired_drop(full, selective)["presence"]
+    assert drop["reference_f1"] == 1.0 and drop["f1"] == round(22 / 23, 4)
+    assert drop["drop"] == round(100 / 23, 2)
+    assert drop["interval"][0] == 0.0 and drop["interval"][1] >= drop["drop"]
+    with pytest.raises(ValueError, match="same clips"):
+        ev.paired_drop(full, selective[1:])

@@ -225,6 +225,37 @@ def clip_intervals(records: list[dict], rows: list[dict], resamples: int = BOOTS
             row["intervals"][task] = entry
 
 
+def paired_drop(reference: list[dict], records: list[dict],
+                resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """F1 drop of records against reference on the same windows, per task, in points.
+
+    E.g. selective refresh against full, or one server setting against another. Returns
+    {task: {"reference_f1", "f1", "drop", "interval": [lo, hi]}}, the interval paired by
+    resampling whole clips, the same resample for both (as `clip_intervals`).
+    Raises ValueError when the two do not cover the same (clip, window, task) requests.
+    """
+    def key(r):
+        return r["clip"], r["window"], r["task"]
+
+    if sorted(map(key, reference)) != sorted(map(key, records)):
+        raise ValueError("paired_drop needs the same clips, windows and tasks on both sides")
+    clips = sorted({r["clip"] for r in records})
+    picks = np.random.default_rng(seed).integers(0, len(clips), (resamples, len(clips)))
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        labels = ["yes"] if task in synth.BINARY_TASKS else sorted(
+            {r["truth"] for r in records if r["task"] == task})
+        ref = _confusion_by_clip(reference, task, clips, labels)
+        mine = _confusion_by_clip(records, task, clips, labels)
+        point = float(_f1_from_counts(ref.sum(0)) - _f1_from_counts(mine.sum(0)))
+        spread = _f1_from_counts(ref[picks].sum(1)) - _f1_from_counts(mine[picks].sum(1))
+        out[task] = {"reference_f1": round(float(_f1_from_counts(ref.sum(0))), 4),
+                     "f1": round(float(_f1_from_counts(mine.sum(0))), 4),
+                     "drop": round(100 * point, 2),
+                     "interval": (100 * np.nanpercentile(spread, [2.5, 97.5])).round(2).tolist()}
+    return out
+
+
 def summarize(records: list[dict], combos) -> list[dict]:
     """Per policy combination: F1/accuracy per task, patches kept, tokens, throughput."""
     rows = []
