@@ -164,10 +164,12 @@ def test_pairs_hold_two_consecutive_sampled_frames_as_the_processor_does(tiny_di
     assert meta[:, META["frame_index"]].tolist() == single[0::2, META["frame_index"]].tolist()
 
 
-def test_codec_pairs_keep_what_changed_in_either_frame_or_since_the_previous_pair(tiny_dir):
+@pytest.mark.parametrize("policy", ["codec", "evs"])
+def test_pruned_pairs_keep_what_changed_in_either_frame_or_since_the_previous_pair(tiny_dir,
+                                                                                  policy):
     pairs = dataclasses.replace(checkpoint.Geometry.from_model_dir(tiny_dir),
                                 frame_layout="pairs")
-    results = parse_clip(pairs, "codec")
+    results = parse_clip(pairs, policy)
     keeps = [k for r in results for k in r.keep]                  # per sampled frame
     meta = np.concatenate([r.frame_meta for r in results])
     union = [a | b for a, b in zip(keeps[0::2], keeps[1::2])]
