@@ -481,6 +481,24 @@ def test_sigterm_ends_every_stream_with_end_and_exits_0(recorded):
     assert recorded.active_after == recorded.active_before
 
 
+def test_one_file_replayed_in_real_time_answers_each_stride_and_exits_0(server, clip,
+                                                                        tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "codecsight_client.cli", str(clip), "--replay-realtime",
+         "--jsonl", "--url", server.grpc_url, "--stream-id", "replayed", "--stride-seconds",
+         "2", "--window-seconds", "4", "--token-file", str(tmp_path / "secret")],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    windows = [json.loads(line) for line in run.stdout.splitlines()]   # JSON lines only
+    assert [(w["window_start_s"], w["window_end_s"]) for w in windows] == [
+        (0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+    # paced at the clip's own rate: its 6 s of video captured over ~4 s of wall time (the
+    # first chunk is complete 2 s after the start)
+    captured = [stamp(w["captured_at"]) for w in windows]
+    assert captured[2] - captured[0] == pytest.approx(4.0, abs=0.8)
+    assert "replayed ended: END sent (the source ended)" in run.stderr
+
+
 # -- overload -----------------------------------------------------------------------------
 
 def test_an_overloaded_server_gets_merged_windows_counted_and_bounded_latency(
