@@ -26,8 +26,8 @@ from codecsight.serve import REPO_ROOT
 from codecsight_client.dashboard import DashboardError, parse_bind, start_dashboard
 from codecsight.checkpoint import Geometry
 from codecsight.parser import StreamParser
-from codecsight_client.dashboard.frames import (DROPPED_RGBA, KEPT_RGBA, STATUS_WAITING,
-                                                ThumbnailWorker)
+from codecsight_client.dashboard.frames import (DROPPED_RGBA, KEPT_RGBA, STATUS_BEHIND,
+                                                STATUS_WAITING, ThumbnailWorker)
 from codecsight_client.demux import iter_chunks
 from codecsight_client.observe import StreamEvent, WindowRecord, utc_now
 from codecsight_client.stream import StreamClient, connect
@@ -156,6 +156,29 @@ def test_a_page_opened_mid_gop_waits_for_a_keyframe_then_draws_the_frames_sample
     for thumb in thumbs:
         assert thumb.stats_kept_groups == sampled[thumb.time_s] == thumb.kept_groups
         assert thumb.grid == [16, 28] and thumb.picture_px == [466, 262]   # 768x432 at 17/28
+
+
+def test_a_decoder_that_falls_behind_drops_work_and_restarts_at_a_keyframe():
+    """The streams' threads never wait for the thumbnail thread: a full queue drops."""
+    release, seen = threading.Event(), []
+
+    def slow(stream_id, thumb, status):
+        seen.append(status)
+        release.wait(10)   # the thumbnail thread is stuck here meanwhile
+
+    worker = ThumbnailWorker(slow, max_tasks=2)
+    worker.set_active(True)
+    chunks = list(itertools.islice(iter_chunks(CLIP, 2.0), 6))
+    started = time.monotonic()
+    for chunk in chunks:
+        worker.submit_chunk("cam", "h264", chunk)   # the first one blocks the worker
+    assert time.monotonic() - started < 1.0, "a stream's thread waited for the thumbnails"
+    release.set()
+    while not worker.tasks.empty():   # it catches up with what it kept
+        time.sleep(0.01)
+    worker.submit_chunk("cam", "h264", chunks[0])   # after the loss: a fresh decoder
+    worker.stop()
+    assert seen == [STATUS_WAITING, STATUS_BEHIND, STATUS_WAITING]
 
 
 # --- in a real browser, with real answers -----------------------------------------------------

@@ -37,6 +37,7 @@ DROPPED_RGBA = (0, 0, 0, 150)   # shade of a merge group the ViT did not see
 STATUS_OFF = "decoded only while a page is open"
 STATUS_WAITING = "waiting for the stream's next keyframe (this decoder started mid-GOP)"
 STATUS_DECODING = "decoding; the next sampled frame is drawn here"
+STATUS_BEHIND = "thumbnail decoder fell behind and restarts at the next keyframe"
 
 
 def png(image: Image.Image) -> bytes:
@@ -108,22 +109,29 @@ class ThumbnailWorker:
     submit_* never block: a stream whose queue overflows restarts its decoder.
     """
 
-    def __init__(self, on_thumbnail, min_interval_s: float = 1.0):
+    def __init__(self, on_thumbnail, min_interval_s: float = 1.0, max_tasks: int = 10_000):
         self.on_thumbnail = on_thumbnail
         self.min_interval_s = min_interval_s
-        self.tasks: queue.Queue = queue.Queue(maxsize=10_000)
+        self.tasks: queue.Queue = queue.Queue(maxsize=max_tasks)
         self.active = False
         self.streams: dict[str, _StreamDecoder] = {}
+        self._lost: set[str] = set()   # streams a full queue dropped work of: restart them
         self.thread = threading.Thread(target=self._run, name="dashboard-thumbnails",
                                        daemon=True)
         self.thread.start()
 
     # --- called from any thread ---------------------------------------------------------------
     def _put(self, task) -> None:
+        stream_id = task[1]
         try:
+            if stream_id in self._lost:
+                # In queue order: after the work queued before the loss, before this.
+                self.tasks.put_nowait(("reset", stream_id, None))
+                self._lost.discard(stream_id)
             self.tasks.put_nowait(task)
-        except queue.Full:   # far behind: the chunk is lost, its stream restarts at a keyframe
-            self.tasks.put(("reset", task[1]))
+        except queue.Full:   # far behind: work is lost, the stream restarts at a keyframe
+            if stream_id is not None:
+                self._lost.add(stream_id)
 
     def set_active(self, active: bool) -> None:
         self._put(("active", None, active))
@@ -153,8 +161,8 @@ class ThumbnailWorker:
                     self._chunk(stream_id, *value)
                 elif kind == "record":
                     self._record(stream_id, value)
-                elif kind == "reset":
-                    self.streams.pop(stream_id, None)
+                elif kind == "reset" and self.streams.pop(stream_id, None) is not None:
+                    self.on_thumbnail(stream_id, None, STATUS_BEHIND)
             except Exception as e:  # a bad chunk or frame never stops the page
                 self.streams.pop(stream_id, None)
                 self.on_thumbnail(stream_id, None, f"thumbnail decoder restarted after an "
