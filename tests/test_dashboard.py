@@ -114,6 +114,10 @@ def test_the_admin_key_never_leaves_and_chunks_are_wanted_only_while_a_page_is_o
         with urllib.request.urlopen(board.url + "events", timeout=10) as events:
             seen.append(events.readline() + events.readline())
             assert board.wants_chunks
+        deadline = time.monotonic() + 10   # the server notices the page has gone
+        while board.wants_chunks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not board.wants_chunks
         text = b"".join(seen).decode()
         assert "s3cret-admin-key" not in text and "[admin key] rejected" in text
         assert "hunter2" not in text and "rtsp://***@10.0.0.5/stream1" in text
