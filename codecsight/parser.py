@@ -110,6 +110,16 @@ def _emit_pair(first: _Sampled, second: _Sampled | None, rows, pixels, previous,
         keeps.append(keep)
 
 
+def _kept_mask(row: list, first: _Sampled, second: _Sampled | None,
+               geometry: Geometry) -> dict:
+    """PARSE_STATS.kept_masks entry of the temporal patch `row` (a FRAME_META row) just
+    emitted: the groups the ViT saw (a pair's: either frame's), at the time of its newest
+    frame, the picture an operator page shows under them."""
+    keep = first.keep | second.keep if second is not None else first.keep
+    return pack_kept_mask(keep, t=row[META["t"]], time_s=(second or first).time_s,
+                          group_px=geometry.group_pixels)
+
+
 class StreamParser:
     """Per-stream decoder, sampler and patch selection."""
 
@@ -287,18 +297,19 @@ class StreamParser:
                 note = selection.fallback
             candidates += selection.candidates
             all_keeps.append(keep)
-            kept_masks.append(pack_kept_mask(keep, t=slot, time_s=time_s,
-                                             group_px=self.geometry.group_pixels))
             why.append(selection.whole_frame)
             this = _Sampled(slot, f.index, time_s, f.pict_type, keep, selection)
             if self.geometry.frame_layout == "pairs":
                 for first, second in self._pairs(this):
                     _emit_pair(first, second, rows, pixels, previous, keeps)
+                    kept_masks.append(_kept_mask(rows[-1], first, second, self.geometry))
             else:
                 _emit_overlapping(this, rows, pixels, previous, keeps)
+                kept_masks.append(_kept_mask(rows[-1], this, None, self.geometry))
             convert_s += time.perf_counter() - t1
         if final and self._half is not None:   # the stream ends inside a pair: a lone frame
             _emit_pair(self._half, None, rows, pixels, previous, keeps)
+            kept_masks.append(_kept_mask(rows[-1], self._half, None, self.geometry))
             self._half = None
         meta = np.array(rows, dtype=np.int64).reshape(-1, len(FRAME_META_COLUMNS))
         t_patchify = time.perf_counter()

@@ -267,8 +267,10 @@ class ParseStats(_WireStats):
     time_jumps: int = 0              # set by the model: the stream's discontinuities so far
     owner_restart: bool = False      # set by the model: a START by the stream's own token
     #                                  that replaced its still-active stream
-    kept_masks: list | None = None   # per sampled frame, in order: its kept merge groups
-    #                                  (pack_kept_mask's dict: t, time_s, grid, group_px, bits)
+    kept_masks: list | None = None   # per FRAME_META row (temporal patch), in order: the
+    #                                  merge groups the ViT saw, at the time of the patch's
+    #                                  newest frame (pack_kept_mask's dict: t, time_s, grid,
+    #                                  group_px, bits); aligned with groups_kept_per_frame
 
     _EMPTY = dict(policy="", policy_requested="", codec="", chunk_bytes=0, frames_decoded=0,
                   frames_sampled=0, frame_types="", patches_kept=0, patches_total=0,
@@ -330,7 +332,8 @@ def pack_kept_mask(keep: np.ndarray, *, t: int, time_s: float, group_px: int) ->
     keep: bool [grid_h, grid_w], True for a kept group, over the picture the server served
     (upright, scaled, zero-padded bottom/right to whole groups). t: the sampled frame's
     temporal index; time_s: its presentation time in stream seconds (the chunk's AU_PTS
-    basis, so a client can find the same decoded frame); group_px: a group's side in served
+    basis, so a client can find the same decoded frame; for a temporal patch of two frames,
+    the newer one's); group_px: a group's side in served
     pixels (28 for Qwen2-VL). Returns {"t", "time_s" (ms precision), "grid": [grid_h, grid_w],
     "group_px", "bits": base64 of np.packbits(keep, row-major, big-endian bit order)}.
     """

@@ -1,5 +1,6 @@
 """PARSE_STATS.kept_masks: each sampled frame's kept merge groups, bit-packed, as the policy
 chose them; the operator page overlays them on the frame the server sampled."""
+import dataclasses
 import itertools
 import json
 
@@ -56,6 +57,26 @@ def test_the_parser_reports_exactly_the_groups_its_policy_kept(tiny_dir):
     assert len(shares) == 16 and shares[0] == 1.0 and min(shares) < 0.5
 
 
+def test_a_pair_of_frames_reports_the_groups_either_kept_at_its_newer_frames_time(tiny_dir):
+    # Real checkpoints' layout: sampled frames 2k and 2k+1 fill one temporal patch.
+    geometry = dataclasses.replace(Geometry.from_model_dir(tiny_dir), frame_layout="pairs")
+    parser = StreamParser(geometry, "h264", 12.5, 2.0, policy="codec",
+                          config=PruningConfig.served(whole_frame_seconds=4.0))
+    pairs = 0
+    for chunk in itertools.islice(iter_chunks(CLIP, 2.0), 4):
+        result = parser.parse(chunk.data, au_bytes=chunk.au_sizes, au_pts=chunk.au_pts)
+        masks, stats = result.stats.kept_masks, result.stats
+        assert len(masks) == len(result.frame_meta) == len(stats.groups_kept_per_frame) == 2
+        for i, (entry, row) in enumerate(zip(masks, result.frame_meta)):
+            first, second = result.keep[2 * i], result.keep[2 * i + 1]
+            assert np.array_equal(P.unpack_kept_mask(entry), first | second)
+            assert int((first | second).sum()) == stats.groups_kept_per_frame[i]
+            assert entry["t"] == row[P.META["t"]]
+            assert entry["time_s"] * 1000 > row[P.META["time_ms"]]   # newer than the mean
+            pairs += bool((first != second).any())
+    assert pairs > 0   # the union differs from each frame's own selection somewhere
+
+
 @pytest.mark.server
 def test_the_server_sends_each_sampled_frames_mask_with_its_answer(grpc):
     stream = StreamClient(grpc, new_id("kept-mask"), clip_settings(policy="codec",
@@ -64,7 +85,7 @@ def test_the_server_sends_each_sampled_frames_mask_with_its_answer(grpc):
     windows = [stream.send(c, last=i == len(chunks) - 1) for i, c in enumerate(chunks)]
     for w in windows:
         masks = [P.unpack_kept_mask(e) for e in w.parse.kept_masks]
-        assert len(masks) == w.parse.frames_sampled
+        assert len(masks) == w.parse.frames_sampled == len(w.parse.groups_kept_per_frame)
         assert [int(m.sum()) for m in masks] == w.parse.groups_kept_per_frame
         assert sum(m.size for m in masks) == w.parse.groups_total
     shares = [float(m.mean()) for w in windows for m in map(P.unpack_kept_mask,
