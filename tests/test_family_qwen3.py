@@ -423,3 +423,24 @@ def test_a_real_checkpoints_preprocessor_config_sets_the_geometry():
     assert family.token_width == 4 * 2048
     bare = qwen3_vl.Qwen3VL(config, {}, CheckpointSettings("pairs", "previous_max"))
     assert bare.geometry.image_mean == (0.5, 0.5, 0.5) and bare.geometry.min_pixels is None
+
+
+def test_greedy_answer_equals_the_stock_generate(checkpoint):
+    """Decoding continues at the positions the stock rope deltas give (max position + 1)."""
+    family, model, tokenizer, _ = checkpoint
+    frames, indices = sampled_video(2)
+    patches, positions = pair_patches(family, frames)
+    window = window_frames(family.vision_tower(model).encode(patches, positions), indices)
+    vlm = VisualLM(model, tokenizer, max_new_tokens=6, family=family,
+                   seconds_per_t=family.seconds_per_t(ANALYSIS_FPS))
+    vlm.stop_ids = set()    # random weights: decode all 6 tokens whatever they are
+    ours = vlm.answer_full(window, QUESTION).token_ids
+    ids, _ = sequence(vlm, window, QUESTION)
+    pad = tokenizer.convert_tokens_to_ids(qwen3_vl.VIDEO_PAD)
+    with torch.no_grad():
+        stock = model.generate(
+            input_ids=ids[None], mm_token_type_ids=(ids[None] == pad).int() * 2,
+            pixel_values_videos=torch.from_numpy(patches),
+            video_grid_thw=torch.tensor([[2, 2 * GRID_H, 2 * GRID_W]]), max_new_tokens=6,
+            min_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert len(ours) == 6 and ours == stock
