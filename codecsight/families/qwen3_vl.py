@@ -52,11 +52,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+# RoPE's pairing (dimension i turns with i + d/2), the model's own function.
+from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
 
 from codecsight.checkpoint import DOMAIN_WORDS, SPECIAL_TOKENS, Geometry
-from codecsight.vision import check_merge_groups
 from codecsight.families.base import (CheckpointSettings, Family, FrameRows, WindowLayout,
                                       continue_text, rope_axes_from_sections)
+from codecsight.vision import check_merge_groups
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL's processors normalise with IMAGENET_STANDARD_MEAN / _STD; a checkpoint's
@@ -67,7 +69,6 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 PROMPT_PREFIX = "<|im_start|>user\n"
 PROMPT_SUFFIX = "{question}<|im_end|>\n<|im_start|>assistant\n"
 VISION_START, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def timestamp_text(seconds: float) -> str:
@@ -209,11 +210,6 @@ def interpolation_taps(positions: np.ndarray, grid_hw: np.ndarray,
     return indices, weights
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def tap_tensors(rows: torch.Tensor, cols: torch.Tensor, grid_rows: torch.Tensor,
                 grid_cols: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear (align_corners) taps of patches into the side x side learned table, in torch.
@@ -266,8 +262,8 @@ class PrunedTower(torch.nn.Module):
         b, n, _ = x.shape
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                        # [B, heads, N, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
         return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
 
