@@ -17,8 +17,9 @@ import torch
 from codecsight import checkpoint
 from codecsight.checkpoint import Geometry
 from codecsight.tools import UsageError, synth
-from codecsight.tools.train.data import (TRAIN_SEED_BASE, TRAIN_WINDOW_FRAMES, Item, Sample,
-                                         build_suite, items_for_step, worst_case_questions)
+from codecsight.tools.train.data import (STOCHASTIC_POLICY, TRAIN_SEED_BASE,
+                                         TRAIN_WINDOW_FRAMES, Item, Sample, build_suite,
+                                         items_for_step, worst_case_questions)
 from codecsight.tools.train.mbs import MicroBatchStreamer, parse_bytes
 from codecsight.tools.train.model import DemoModel
 from codecsight_client import settings as defaults
@@ -305,8 +306,9 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         t_freeze = time.perf_counter()
         demo.freeze_vision(samples, config.policies)
         aux_weight = 0.0          # the head only shapes the ViT, which no longer learns
-        say(f"stage 2: ViT frozen; encoded {len(samples)} windows x {len(config.policies)} "
-            f"policies once ({time.perf_counter() - t_freeze:.0f} s); the LLM learns the answers")
+        encoded = len(demo.frozen) // max(1, len(samples))   # mix reuses dense's tokens
+        say(f"stage 2: ViT frozen; encoded {len(samples)} windows x {encoded} policies once "
+            f"({time.perf_counter() - t_freeze:.0f} s); the LLM learns the answers")
     params = [p for p in demo.parameters() if p.requires_grad]
 
     streamer = MicroBatchStreamer(demo, config.memory_budget, aux_weight=aux_weight)
@@ -437,6 +439,13 @@ def command_line(config: TrainConfig) -> str:
     return "codecsight train " + " ".join(flags)
 
 
+def _mix_note(config: TrainConfig) -> str:
+    if STOCHASTIC_POLICY not in config.policies:
+        return ""
+    return (f" ({STOCHASTIC_POLICY}: codec's merge groups plus each other one with probability "
+            "q ~ U(0, 1) per visit, tokens taken from the frozen dense encoding)")
+
+
 def _capacity(config: TrainConfig) -> str:
     sizes = {"LLM layers": config.llm_layers, "LLM width": config.llm_width,
              "ViT depth": config.vision_depth, "ViT width": config.vision_width}
@@ -461,7 +470,7 @@ on the machine below):
 
 - Model: tiny Qwen2-VL architecture (`codecsight.checkpoint.tiny_config`{_capacity(config)}),
   {summary['parameters']:,} parameters, initialised by `checkpoint.build_tiny` with seed
-  {config.seed}.
+  {config.seed}{f", then every tensor of {config.init_from}" if config.init_from else ""}.
 - Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns what each
   merge group shows (object kind, and whether it looks anomalous) from the clips' ground
   truth, through a training-only linear head that is not part of the checkpoint; object
@@ -478,7 +487,7 @@ on the machine below):
   {config.window_seconds:g} s at {config.fps:g} fps, visited whole or as their last 1, 2 or
   4 frames (shares {', '.join(f'{k}: {v:g}' for k, v in TRAIN_WINDOW_FRAMES.items())});
   every presence/entry/count/anomaly question a window can teach
-  (`train.training_questions`); patch policies: {', '.join(config.policies)}.
+  (`train.training_questions`); patch policies: {', '.join(config.policies)}{_mix_note(config)}.
 - Micro-Batch Streaming: effective batch {config.batch_size} windows, memory budget
   {config.memory_budget} bytes; one sample measured {summary['sample_bytes'] / 2 ** 20:.1f} MiB
   -> micro-batches of {summary['micro_batch_size']}.
