@@ -8,6 +8,8 @@ unshared factory per client) playing a clip live, followed by the watcher
   latency-1, latency-4  1 and 4 cameras at the client defaults (fps 2, window 8 s,
                         stride 2 s, codec policy) on the bundled clip looped to --seconds:
                         p50/p99 of latency_ms (capture to answer) and of request_ms
+  small-1, small-4      the same on a generated 256x144 clip (moving boxes, IDR every 1 s):
+                        cameras light enough for this machine to follow in real time
   recovery              1 camera; its RTSP server is killed for --down seconds and
                         restarted: seconds from "listening again" to the first answer of
                         the new connection (and to its `connected` event), --restarts times
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--overload-cameras", type=int, default=6)
     parser.add_argument("--overload-stride", type=float, default=0.25)
-    parser.add_argument("--phases", default="latency-1,latency-4,recovery,overload")
+    parser.add_argument("--phases",
+                        default="latency-1,latency-4,small-1,small-4,recovery,overload")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     phases = args.phases.split(",")
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     frames, _ = moving_boxes(int((args.seconds + 10) * 10), 256, 144, seed=0)
     encode_h264(frames, 10, gop=10, path=busy)
     mounts = {f"/cam{i}": looped for i in range(4)}
-    mounts.update({f"/busy{i}": busy for i in range(args.overload_cameras)})
+    mounts.update({f"/busy{i}": busy for i in range(max(4, args.overload_cameras))})
     with serving(args.url) as (url, _, _):
         with RtspServer(mounts) as rtsp:
             for n in (1, 4):
@@ -157,6 +160,13 @@ def main(argv=None) -> int:
                     seen = watch(url, rtsp, cameras_for(rtsp, n, f"lat{n}"), args.seconds)
                     result[f"latency_{n}_camera"] = latency_summary(seen)
                     print(f"latency, {n} camera(s):", result[f"latency_{n}_camera"], flush=True)
+            for n in (1, 4):
+                if f"small-{n}" in phases:
+                    cameras = [Camera(f"small{n}-{i}", rtsp.url(f"/busy{i}")) for i in range(n)]
+                    seen = watch(url, rtsp, cameras, args.seconds)
+                    result[f"small_{n}_camera"] = latency_summary(seen)
+                    print(f"latency, {n} small camera(s):", result[f"small_{n}_camera"],
+                          flush=True)
             if "recovery" in phases:
                 recoveries = []
 
