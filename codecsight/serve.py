@@ -196,6 +196,18 @@ class TritonServer:
         return args + list(self.extra_args)
 
     def start(self, timeout_s: float = 300.0, progress=None) -> "TritonServer":
+        self.launch()
+        self.wait_ready(timeout_s, progress)
+        return self
+
+    def launch(self) -> "TritonServer":
+        """Start the process without waiting for it to be ready (then wait_ready).
+
+        Call it from a thread that outlives the server: PR_SET_PDEATHSIG (die_with_parent)
+        signals the child when the *thread* that started it exits, so a server launched
+        from a worker thread dies with that thread. Several servers start in parallel by
+        launching each here, then waiting in threads (codecsight.tools.cluster).
+        """
         cmd = self.command()
         if self.log_path is None:
             self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
@@ -203,7 +215,6 @@ class TritonServer:
         self.process = subprocess.Popen(cmd, env=server_env(), stdout=self._log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=die_with_parent)
-        self.wait_ready(timeout_s, progress)
         return self
 
     def wait_ready(self, timeout_s: float, progress=None) -> None:

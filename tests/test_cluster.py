@@ -376,3 +376,37 @@ def test_a_killed_instances_streams_resume_on_the_survivor_and_the_others_never_
     for sid in stayed:
         assert (answered[sid], errors[sid], streams[sid].resumes, notices[sid]) == \
             (len(chunks), 0, 0, [])
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_cluster_command_prints_its_addresses_serves_and_stops_on_sigterm(tmp_path):
+    """`codecsight cluster` end to end with one instance (slow: its own tritonserver)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "codecsight"), "cluster", "--instances", "1",
+         "--grpc-port", "0", "--log-dir", str(tmp_path), "--admin-key-file",
+         str(tmp_path / "admin-key")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]   # blocks until ready
+        assert lines[0].startswith("instance 0: grpc 127.0.0.1:") and " metrics " in lines[0]
+        proxy = lines[1].split()[2]
+        assert lines[1].startswith("proxy: grpc 127.0.0.1:")
+        client = connect(proxy)
+        chunk = next(iter(iter_chunks(CLIP, STRIDE_S)))
+        window = StreamClient(client, new_id("cli"), clip_settings()).send(chunk, last=True)
+        assert window.answer and window.parse.frames_decoded > 0
+        nginx_pid = int(next(line.split()[-1] for line in (tmp_path / "nginx" / "nginx.pid")
+                                .read_text().splitlines()))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "SIGTERM: stopping nginx and the instances" in proc.stderr.read()
+        with pytest.raises(ProcessLookupError):   # nginx's master is gone
+            os.kill(nginx_pid, 0)
+        assert not C._port_open("127.0.0.1", int(proxy.rsplit(":", 1)[1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -261,16 +261,25 @@ class Cluster:
 
         Raises ServerError (after stopping what did start) when one cannot be made ready.
         """
+        pool = concurrent.futures.ThreadPoolExecutor(len(self.servers))
         try:
-            with concurrent.futures.ThreadPoolExecutor(len(self.servers)) as pool:
-                for future in [pool.submit(s.start, timeout_s, progress) for s in self.servers]:
-                    future.result()
+            # Launched from this thread, waited for in the pool's: a server dies with the
+            # thread that launched it (serve.die_with_parent), and the pool's threads end.
+            for server in self.servers:
+                server.launch()
+            waits = [pool.submit(s.wait_ready, timeout_s, progress) for s in self.servers]
+            for future in waits:
+                future.result()
             self.nginx = Nginx(self.nginx_conf(), self.log_dir / "nginx", self.host,
                                self.grpc_port).start()
             self._wait_proxy_ready(timeout_s=30)
         except BaseException:
+            # Stop the others before waiting for their threads: a loading instance's thread
+            # returns as soon as its process is gone, not after its whole timeout.
             self.stop()
             raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return self
 
     def _wait_proxy_ready(self, timeout_s: float) -> None:
@@ -366,14 +375,24 @@ def run(args) -> int:
                       log_dir=args.log_dir, admin_key=admin_key(args.admin_key_file))
     stop = {"signal": None}
 
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # While loading, SIGTERM interrupts like Ctrl-C: Cluster.start stops what it started
+    # (the instances run in their own sessions and would outlive this process otherwise).
+    signal.signal(signal.SIGTERM, interrupt)
     _say(f"starting {args.instances} tritonservers (logs in {cluster.log_dir})")
     t0 = time.perf_counter()
-    cluster.start(progress=_say)
+    try:
+        cluster.start(progress=_say)
+    except KeyboardInterrupt:
+        _say("interrupted while starting: stopped every instance")
+        return 130
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     _say(f"ready in {time.perf_counter() - t0:.1f} s")
     for line in cluster.describe():
         print(line, flush=True)
