@@ -211,12 +211,12 @@ def test_a_live_source_first_packets_without_pts_are_timed_on_from_zero(clip):
 
 # -- the reader alone (no server): pacing and restarts ------------------------------------
 
-def read_only(camera: Camera) -> tuple:
+def read_only(camera: Camera, **options) -> tuple:
     """A camera's reader thread alone: (its queue, its events), the sender never started."""
     from codecsight_client.live import CameraWatcher
 
     seen = Recorder()
-    watcher = CameraWatcher(camera, None, seen, token="t", stop=threading.Event())
+    watcher = CameraWatcher(camera, None, seen, token="t", stop=threading.Event(), **options)
     watcher._threads[0].start()
     return watcher.queue, seen
 
@@ -243,6 +243,31 @@ def test_a_new_picture_size_restarts_the_stream_at_its_keyframe(tmp_path):
     assert items[2].chunk.picture_size == (128, 80) and items[2].chunk.starts_with_keyframe
     changes = [e for e in seen.events if e.kind == "resolution_change"]
     assert len(changes) == 1 and "128x80" in changes[0].message
+
+
+def test_a_stalled_camera_is_lost_after_its_read_timeout_and_reopened(tmp_path):
+    """The RTSP server paused (SIGSTOP): its connection stays open but no packet comes."""
+    clip = make_clip(tmp_path / "long.mp4", 30.0)
+    with RtspServer({"/c": clip}) as rtsp:
+        queue, seen = read_only(Camera("stalled", rtsp.url("/c"), stride_seconds=1.0),
+                                source_timeout_s=(2.0, 1.0))
+        sessions = []
+        threading.Thread(target=lambda: [sessions.append(i.session) for i in iter(
+            queue.get, None)], daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not sessions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rtsp.process.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        time.sleep(4.0)
+        lost = [e for e in seen.events if e.kind == "source_lost"]
+        rtsp.process.send_signal(signal.SIGCONT)
+        while max(sessions) == 1 and time.monotonic() < paused + 30:
+            time.sleep(0.1)
+    # nothing hangs: lost within the timeouts (open 2 s, read 1 s), then reopened
+    assert len(lost) == 1 and "stalled" == lost[0].stream_id
+    assert max(sessions) > 1, [e.line() for e in seen.events]   # a later connection's video
+    assert [e.kind for e in seen.events].count("connected") >= 2
 
 
 # -- a bad camera -------------------------------------------------------------------------
