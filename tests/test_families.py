@@ -220,3 +220,54 @@ def test_qwen2_vl_pairs_equal_the_stock_forward(q2_dir):
                       pixel_values_videos=torch.from_numpy(reference),
                       video_grid_thw=torch.tensor([grid])).logits[0, -1]
     assert (ours - stock).abs().max() <= 1e-4
+
+
+# --- the rendered repository per family -----------------------------------------------------
+
+
+def test_the_repository_is_rendered_for_the_checkpoints_family(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from codecsight.serve import DEFAULT_REPOSITORY, render_repository
+
+    def read(path):
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+    def checkpoint_dir(name, config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        return tmp_path / name
+
+    q25 = checkpoint_dir("q25", {"model_type": "qwen2_5_vl", "text_config": {"hidden_size": 96},
+                                 "vision_config": {"hidden_size": 64, "out_hidden_size": 96}})
+    out = render_repository(DEFAULT_REPOSITORY, tmp_path / "repo25", q25)
+    trt = read(out / "vit_pruned" / "config.pbtxt")
+    assert trt.platform == "tensorrt_plan"
+    assert [list(t.dims) for t in trt.output] == [[-1, 96]]          # out_hidden_size
+    assert "FRAME_META" not in [i.name for i in trt.input]
+
+    q3 = checkpoint_dir("q3", {"model_type": "qwen3_vl", "text_config": {"hidden_size": 96},
+                               "vision_config": {"hidden_size": 64, "out_hidden_size": 96,
+                                                 "patch_size": 16,
+                                                 "deepstack_visual_indexes": [0, 1]}})
+    out = render_repository(DEFAULT_REPOSITORY, tmp_path / "repo3", q3)
+    for name in ("config.pbtxt", "configs/cpu.pbtxt"):   # Python backend on GPU and CPU alike
+        vit = read(out / "vit_pruned" / name)
+        assert vit.backend == "python" and vit.platform == ""
+        assert [i.name for i in vit.input] == ["PATCHES", "POSITIONS", "FRAME_META"]
+    ensemble = read(out / "ensemble" / "config.pbtxt")
+    step = [s for s in ensemble.ensemble_scheduling.step if s.model_name == "vit_pruned"][0]
+    assert step.input_map["FRAME_META"] == "frame_meta"
+    assert family_for_dir(q3).token_width == 96 * 3                  # deepstack behind the token
+
+
+def test_frame_grid_positions_append_each_patchs_frame_grid():
+    from codecsight.vision import frame_grid_positions
+
+    meta = np.array([[5, 0, 0, 2, 3, 4, 1], [7, 0, 0, 2, 2, 2, 1]], np.int64)
+    positions = np.array([[5, 0, 0], [7, 1, 1], [5, 3, 5]], np.int64)
+    assert frame_grid_positions(positions, meta, 2).tolist() == [
+        [5, 0, 0, 6, 8], [7, 1, 1, 4, 4], [5, 3, 5, 6, 8]]
+    with pytest.raises(ValueError, match="no FRAME_META row"):
+        frame_grid_positions(np.array([[6, 0, 0]]), meta, 2)
