@@ -524,6 +524,26 @@ def test_one_file_replayed_in_real_time_answers_each_stride_and_exits_0(server, 
     assert "replayed ended: END sent (the source ended)" in run.stderr
 
 
+def test_the_server_answers_a_merged_request_as_the_strides_it_replaces(grpc, clip):
+    """Two strides merged into one request sample the same frames and leave the window
+    where the two requests would have; one answer instead of two."""
+    from codecsight_client.stream import StreamClient
+    from streams import clip_settings, new_id
+
+    chunks = list(iter_chunks(str(clip), 0.5))[:4]
+    settings = clip_settings(str(clip), analysis_fps=4.0, window_seconds=2.0, policy="dense")
+    apart = StreamClient(grpc, new_id("apart"), settings)
+    merged = StreamClient(grpc, new_id("merged"), settings)
+    answers = [apart.send(c) for c in chunks[:3]] + [apart.send(chunks[3], last=True)]
+    first = merged.send(chunks[0])
+    both = merged.send(merge_chunks(chunks[1], chunks[2], keep_s=2.0))
+    last = merged.send(chunks[3], last=True)
+    assert both.parse.frames_sampled == sum(a.parse.frames_sampled for a in answers[1:3]) == 4
+    assert both.llm.window_frame_range == answers[2].llm.window_frame_range
+    assert last.llm.window_frame_range == answers[3].llm.window_frame_range
+    assert first.answer and both.answer and last.answer
+
+
 # -- overload -----------------------------------------------------------------------------
 
 def test_an_overloaded_server_gets_merged_windows_counted_and_bounded_latency(
