@@ -44,6 +44,30 @@ def test_the_rendered_local_config_passes_nginx_t(tmp_path):
     assert f"client_max_body_size {C.max_body_bytes()};" in conf
 
 
+def test_nginx_dies_with_the_process_that_started_it(tmp_path):
+    """A killed test run or cluster must not leave nginx behind holding its port."""
+    import signal
+
+    port = C.free_port()
+    code = ("import sys, time; from pathlib import Path; from codecsight.tools import cluster as C; "
+            f"d = Path({str(tmp_path)!r}); "
+            f"n = C.Nginx(C.render_nginx_conf(['127.0.0.1:1'], '127.0.0.1:{port}', run_dir=d), "
+            f"d, '127.0.0.1', {port}).start(); "
+            "print(n.process.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    nginx = int(parent.stdout.readline())
+    assert C._port_open("127.0.0.1", port)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and C._port_open("127.0.0.1", port):
+        time.sleep(0.1)
+    assert not C._port_open("127.0.0.1", port)
+    stat = Path(f"/proc/{nginx}/stat")
+    # gone, or dead and waiting for init to reap it
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"
+
+
 def test_every_request_of_a_stream_reaches_one_instance_as_predicted(tmp_path):
     """32 IDs, each sent 3 times through nginx to 3 stand-ins: one instance per ID, the one
     cluster.nginx_chash_instance predicts; all three take some; a 4th moves only IDs to it."""

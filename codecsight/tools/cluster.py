@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from codecsight.serve import REPO_ROOT, ServerError, TritonServer, free_port, prepared_repository
+from codecsight.serve import (REPO_ROOT, ServerError, TritonServer, die_with_parent, free_port,
+                              prepared_repository)
 
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf.j2"
 KUBERNETES_DIR = REPO_ROOT / "deploy" / "kubernetes"
@@ -179,9 +180,11 @@ class Nginx:
     def start(self, timeout_s: float = 10.0) -> "Nginx":
         self.check()
         log = open(self.run_dir / "nginx.out", "wb")
+        # die_with_parent: a killed test run or cluster must not leave nginx holding its port.
         self.process = subprocess.Popen(
             [nginx_binary(), "-c", str(self.conf_path), "-g", "daemon off;"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent)
         log.close()
         host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
         deadline = time.monotonic() + timeout_s
