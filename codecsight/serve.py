@@ -59,9 +59,18 @@ def die_with_parent() -> None:
 
     A killed test run or a `codecsight serve` that gets SIGKILL would otherwise leave its
     tritonservers (GBs of memory each) running as orphans. Linux only; elsewhere a no-op.
+    Linux signals the child when the *thread* that forked it exits: use it only from the
+    main thread (`child_preexec`).
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_preexec():
+    """die_with_parent when called on the main thread, else None: a child started from a
+    worker thread would be killed when that thread ends, so it goes without (as before)."""
+    import threading
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 class ServerError(RuntimeError):
@@ -203,10 +212,10 @@ class TritonServer:
     def launch(self) -> "TritonServer":
         """Start the process without waiting for it to be ready (then wait_ready).
 
-        Call it from a thread that outlives the server: PR_SET_PDEATHSIG (die_with_parent)
-        signals the child when the *thread* that started it exits, so a server launched
-        from a worker thread dies with that thread. Several servers start in parallel by
-        launching each here, then waiting in threads (codecsight.tools.cluster).
+        Launched from the main thread, the server dies with this process (die_with_parent);
+        from a worker thread it does not (PR_SET_PDEATHSIG follows the forking thread, so it
+        would die with that thread). Several servers start in parallel by launching each
+        from the main thread, then waiting in threads (codecsight.tools.cluster).
         """
         cmd = self.command()
         if self.log_path is None:
@@ -214,7 +223,7 @@ class TritonServer:
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, env=server_env(), stdout=self._log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=die_with_parent)
+                                        preexec_fn=child_preexec())
         return self
 
     def wait_ready(self, timeout_s: float, progress=None) -> None:

@@ -141,3 +141,18 @@ def test_server_children_die_with_the_process_that_started_them():
             break
         time.sleep(0.05)
     assert state in ("gone", "Z"), f"child {child} still running (state {state})"
+
+
+def test_a_child_started_off_the_main_thread_is_not_tied_to_that_thread():
+    """PR_SET_PDEATHSIG follows the forking thread: a server launched from a worker thread
+    must not get it, or it would die when that thread ends."""
+    import threading
+
+    from codecsight.serve import child_preexec, die_with_parent
+
+    assert child_preexec() is die_with_parent
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(child_preexec()))
+    worker.start()
+    worker.join()
+    assert seen == [None]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from codecsight.serve import (REPO_ROOT, ServerError, TritonServer, die_with_parent, free_port,
+from codecsight.serve import (REPO_ROOT, ServerError, TritonServer, child_preexec, free_port,
                               prepared_repository)
 
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf.j2"
@@ -180,11 +180,12 @@ class Nginx:
     def start(self, timeout_s: float = 10.0) -> "Nginx":
         self.check()
         log = open(self.run_dir / "nginx.out", "wb")
-        # die_with_parent: a killed test run or cluster must not leave nginx holding its port.
+        # child_preexec: a killed test run or cluster must not leave nginx holding its port
+        # (die_with_parent, when started from the main thread).
         self.process = subprocess.Popen(
             [nginx_binary(), "-c", str(self.conf_path), "-g", "daemon off;"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent)
+            preexec_fn=child_preexec())
         log.close()
         host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
         deadline = time.monotonic() + timeout_s
