@@ -340,9 +340,12 @@ def test_the_served_cap_is_below_both_batchers_candidates():
 # --- vit_pruned ------------------------------------------------------------------------------
 
 @pytest.fixture
-def vit(stub, onnx_path):
+def vit(stub, onnx_path, tiny_dir):
     def make(**parameters):
         model = triton_stub.load_model("vit_pruned", stub).TritonPythonModel()
+        # model_dir: the checkpoint the ONNX file was exported from (it names the family);
+        # the repository moves to onnx_path's directory, where no ../models lies.
+        parameters.setdefault("model_dir", tiny_dir)
         args = triton_stub.model_args("vit_pruned", config_name="cpu", **parameters)
         # onnx_path is <dir>/<name>/model.onnx: the adapter looks in <repository>/<version>.
         args.update(model_repository=str(onnx_path.parent.parent),
