@@ -4,7 +4,7 @@ TOML is read by the standard library's tomllib, YAML by PyYAML; pydantic validat
 against one schema, so a mistake is reported with the file, the camera and the key:
 
     server = "127.0.0.1:8001"        # optional (--url overrides it)
-    [defaults]                       # optional: any camera key, for every camera
+    [defaults]                       # optional: any camera key but stream_id and url
     policy = "codec"
     [[cameras]]
     stream_id = "dock-1"
@@ -101,8 +101,14 @@ def _read(path: Path) -> object:
             return tomllib.loads(text)
         if suffix in (".yaml", ".yml"):
             return yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {e}") from e
+    except tomllib.TOMLDecodeError as e:   # its message ends "(at line L, column C)"
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except yaml.YAMLError as e:
+        # One line, not PyYAML's multi-line excerpt: where (1-based, as editors count) and what.
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML: {where}{problem}") from None
     raise ConfigError(f"{path}: unknown config format {suffix or '(no suffix)'!r}; "
                       "name it .toml, .yaml or .yml")
 
@@ -122,7 +128,8 @@ def _where(data, loc: tuple) -> str:
 def load(path: str | Path) -> tuple[WatchConfig, list[Camera]]:
     """The validated config and its cameras (file URLs made relative to the config's folder).
 
-    Raises ConfigError naming the file, the camera (number and stream_id) and the key.
+    Raises ConfigError naming the file, the camera (number and stream_id) and the key; a file
+    camera whose file does not exist is one (the resolved path named).
     """
     path = Path(path)
     data = _read(path)
@@ -137,18 +144,27 @@ def load(path: str | Path) -> tuple[WatchConfig, list[Camera]]:
         problems = []
         for error in e.errors():
             loc = tuple(error["loc"])
-            if error["type"] == "extra_forbidden":
+            if error["type"] == "extra_forbidden" and loc[:1] == ("defaults",) \
+                    and loc[-1] in ("stream_id", "url"):
+                problems.append(f"{_where(data, loc)}: not allowed in defaults (each camera "
+                                "needs its own)")
+            elif error["type"] == "extra_forbidden":
                 problems.append(f"{_where(data, loc)}: unknown key (a typo?)")
             elif error["type"] == "missing":
                 problems.append(f"{_where(data, loc)}: missing")
-            else:
-                problems.append(f"{_where(data, loc)}: {error['msg']}")
+            else:   # a validator's ValueError reads "Value error, ..." in pydantic: not ours
+                message = error["msg"].removeprefix("Value error, ")
+                problems.append(f"{_where(data, loc)}: {message}")
         raise ConfigError(f"{path}: " + "; ".join(problems)) from None
     cameras = []
-    for c in config.cameras:
+    for number, c in enumerate(config.cameras, 1):
         source = c.url
         if not is_live(source) and not Path(source).expanduser().is_absolute():
             source = str(path.parent / Path(source).expanduser())
+        if not is_live(source) and not Path(source).expanduser().is_file():
+            # A camera may come back later; a file that is not there now will not.
+            raise ConfigError(f"{path}: camera {number} ({c.stream_id}), key 'url': no such "
+                              f"file {Path(source).expanduser().resolve()}")
         cameras.append(Camera(
             stream_id=c.stream_id, source=source, question=c.question, policy=c.policy,
             refresh=c.refresh, analysis_fps=c.fps, window_seconds=c.window_seconds,

@@ -47,6 +47,8 @@ def write(tmp_path, name, text):
 
 @pytest.mark.parametrize("name,text", [("cams.toml", TOML), ("cams.yaml", YAML)])
 def test_toml_and_yaml_give_the_same_cameras(tmp_path, name, text):
+    (tmp_path / "recordings").mkdir()
+    (tmp_path / "recordings" / "lobby.mp4").write_bytes(b"")   # a file camera must exist
     config, cameras = load(write(tmp_path, name, text))
     assert (config.server, config.queue_depth) == ("10.0.0.2:8001", 3)
     dock, lobby = cameras
@@ -89,6 +91,48 @@ def test_a_config_of_another_format_or_a_missing_file_is_refused(tmp_path):
         load(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match=r"not valid YAML"):
         load(write(tmp_path, "cams.yaml", "cameras: [a, {b: }"))
+
+
+def test_a_yaml_mistake_is_one_line_with_its_line_and_column(tmp_path):
+    path = write(tmp_path, "cams.yml", "cameras:\n  - stream_id: a: b\n")
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    # PyYAML's marks count from 0; editors (and this message) from 1
+    assert str(error.value) == (f"{path}: not valid YAML: line 2 column 17: mapping values are "
+                                "not allowed here")
+
+
+def test_a_validator_message_reads_without_pydantics_prefix(tmp_path):
+    path = write(tmp_path, "cams.toml", '[[cameras]]\nstream_id = "a"\nurl = "rtsp://h/x"\n'
+                 '[[cameras]]\nstream_id = "a"\nurl = "rtsp://h/y"\n')
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(error.value) == (f"{path}: the file: stream_id 'a' is given to more than one "
+                                "camera; each camera needs its own")
+
+
+def test_defaults_take_every_camera_key_but_stream_id_and_url(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")
+    every = ('question = "q?"\npolicy = "dense"\nrefresh = "full"\nfps = 1\n'
+             'window_seconds = 4\nstride_seconds = 2\nreplay_realtime = true\n'
+             'max_attempts = 2\nvideo_track = 0\n')
+    _, (camera,) = load(write(tmp_path, "cams.toml", f'[defaults]\n{every}[[cameras]]\n'
+                              'stream_id = "a"\nurl = "a.mp4"\n'))
+    assert (camera.question, camera.policy, camera.refresh, camera.analysis_fps,
+            camera.window_seconds, camera.stride, camera.replay_realtime, camera.max_attempts,
+            camera.video_track) == ("q?", "dense", "full", 1, 4, 2, True, 2, 0)
+    with pytest.raises(ConfigError, match=r"key 'defaults.url': not allowed in defaults"):
+        load(write(tmp_path, "cams.toml", '[defaults]\nurl = "a.mp4"\n[[cameras]]\n'
+                   'stream_id = "a"\n'))
+
+
+def test_a_missing_file_camera_is_refused_naming_the_camera_and_the_resolved_path(tmp_path):
+    path = write(tmp_path, "cams.toml", '[[cameras]]\nstream_id = "cam"\nurl = "rtsp://h/x"\n'
+                 '[[cameras]]\nstream_id = "lobby"\nurl = "recordngs/lobby.mp4"\n')
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(error.value) == (f"{path}: camera 2 (lobby), key 'url': no such file "
+                                f"{(tmp_path / 'recordngs' / 'lobby.mp4').resolve()}")
 
 
 def test_watch_with_an_invalid_config_exits_2_naming_the_problem(tmp_path):
