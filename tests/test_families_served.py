@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from codecsight import checkpoint, families
+from codecsight.codec import PTS_UNITS, FrameSampler
 from codecsight.families import family_for_dir
 from codecsight.parser import StreamParser
 from codecsight.policy import PruningConfig
@@ -106,7 +108,11 @@ def parsed(family, policy):
     patches = np.concatenate([r.patches for r in results])
     positions = np.concatenate([r.positions for r in results])
     meta = np.concatenate([r.frame_meta for r in results])
-    indices = [round(m["time_s"] * SOURCE_FPS) for r in results for m in r.stats.kept_masks]
+    # Each sampled frame's display index, by the server's own sampler on the chunks' times
+    # (a FRAME_META row is one temporal patch: a real checkpoint's pair holds two frames).
+    sampler = FrameSampler(SOURCE_FPS, ANALYSIS_FPS)
+    times = sorted(Fraction(round(t * PTS_UNITS), PTS_UNITS) for c in parts for t in c.au_pts)
+    indices = [round(t * Fraction(SOURCE_FPS)) for t in times if sampler.sample(t) is not None]
     return patches, positions, meta, indices
 
 
