@@ -19,7 +19,8 @@ from codecsight_client import settings as defaults
 from codecsight_client.stream import (StreamRefused, StreamSettings, connect, run_stream,
                                       stream_token)
 from codecsight import protocol as P
-from codecsight_client.demux import iter_chunks, probe
+from codecsight_client.demux import is_live, iter_chunks, probe
+from codecsight_client.observe import redact_text
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,7 @@ def stream_all(client, source: str, args, out=None) -> list:
     stride = defaults.stride_seconds(args.window_seconds, args.stride_seconds)
     lock = threading.Lock()
     rotated = f", shown rotated {info.rotation} degrees clockwise" if info.rotation else ""
-    print(f"{source}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps{rotated}; "
+    print(f"{redact_text(source)}: {info.codec} {info.width}x{info.height} @ {info.fps:g} fps{rotated}; "
           f"{args.streams} stream(s), policy={args.policy}, refresh={args.refresh}, "
           f"analysis {args.fps:g} fps, window {args.window_seconds:g} s, stride {stride:g} s",
           file=out, flush=True)
@@ -97,14 +98,15 @@ def stream_all(client, source: str, args, out=None) -> list:
 
     def run(sid):
         def notice(message):   # timestamp discontinuities, named by the stream they hit
-            print(f"codecsight-client: stream {sid!r}: {message}", file=sys.stderr, flush=True)
+            print(f"codecsight-client: stream {sid!r}: {redact_text(message)}",
+                  file=sys.stderr, flush=True)
         chunks = iter_chunks(source, stride, video_track=info.track, notice=notice)
         try:
             return run_stream(client, sid, settings, chunks, show, token=tokens[sid],
                               stop=stop)
         except StreamRefused as e:
             # Stop this stream only; the others carry on.
-            print(f"codecsight-client: {e}", file=sys.stderr, flush=True)
+            print(f"codecsight-client: {redact_text(e)}", file=sys.stderr, flush=True)
             return e
 
     stop = threading.Event()
@@ -198,7 +200,8 @@ def run_watcher(client, cameras, args, *, queue_depth: int = defaults.QUEUE_DEPT
                 request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> int:
     """Follow cameras until every one ends (files) or Ctrl-C/SIGTERM; the exit status.
 
-    0: stopped, or every source ended; 1: a camera gave up (its max_attempts failed).
+    0: stopped, or every source ended; 1: a camera gave up (its max_attempts failed, or its
+    file could not be read).
     Ctrl-C or SIGTERM ends every stream with END; a second one quits at once.
     """
     from codecsight_client.live import (EventPrinter, JsonLinesPrinter, TextPrinter,
@@ -224,7 +227,8 @@ def run_watcher(client, cameras, args, *, queue_depth: int = defaults.QUEUE_DEPT
     tokens = {c.stream_id: stream_token(c.stream_id, getattr(args, "token_file", None))
               for c in cameras}
     watcher = Watcher(client, cameras, Observers(observers), tokens=tokens,
-                      queue_depth=queue_depth, request_timeout_s=request_timeout_s)
+                      queue_depth=queue_depth, request_timeout_s=request_timeout_s,
+                      server=args.url)
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     stopped = False
@@ -251,8 +255,9 @@ def run_watcher(client, cameras, args, *, queue_depth: int = defaults.QUEUE_DEPT
             board.close()
     gave_up = [c.camera.stream_id for c in watcher.cameras if c.gave_up]
     if gave_up and not stopped:
-        print(f"codecsight-client: gave up on camera(s) {', '.join(gave_up)} after their "
-              "max_attempts (see the events above)", file=sys.stderr)
+        print(f"codecsight-client: gave up on camera(s) {', '.join(gave_up)}: a camera after "
+              "its max_attempts, a file after one failure (see their `ended` events above)",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -311,22 +316,33 @@ def main(argv=None) -> int:
         prog="codecsight-client", description=__doc__,
         epilog="codecsight-client watch CONFIG follows the cameras a TOML/YAML config lists "
         "(codecsight-client watch --help).")
-    parser.add_argument("source", help="video file or rtsp:// URL (H.264)")
+    parser.add_argument("source", help="video file or rtsp:// URL (H.264/HEVC); a live URL "
+                        "(rtsp://, rtmp://, udp://, ...) is always followed as with --live")
     add_connection_arguments(parser, DEFAULT_URL)
     add_stream_arguments(parser)
     parser.add_argument("--live", action="store_true",
                         help="follow the source as a live camera: real-time pacing, stale "
                         "windows dropped when the server lags, reconnects with backoff, "
-                        "events on stderr; until Ctrl-C/SIGTERM (or a file's end)")
+                        "events on stderr; until Ctrl-C/SIGTERM (or a file's end). Implied "
+                        "for a live URL such as rtsp://")
     parser.add_argument("--replay-realtime", action="store_true",
                         help="pace a file at its own frame rate, like a camera (implies the "
                         "watcher, as --live)")
     add_watch_arguments(parser)
     args = parser.parse_args(argv)
-    if args.live or args.replay_realtime or args.jsonl or args.dashboard:
+    # A live source does not come back by itself: follow it as a camera (reconnects, events),
+    # never a replay that exits 0 when the camera drops.
+    live = args.live or is_live(args.source)
+    if (args.jsonl or args.dashboard) and not (live or args.replay_realtime):
+        # A file replayed as fast as the server answers ends in seconds: not a watch.
+        parser.error("--jsonl and --dashboard follow a source in real time: add "
+                     "--replay-realtime to pace this file like a camera (or list it in a "
+                     "`codecsight-client watch CONFIG` config)")
+    if live or args.replay_realtime:
         if args.json:
-            parser.error("--json writes the replay's records; with --live/--jsonl use "
-                         "--jsonl's lines instead")
+            parser.error("--json writes a file replay's records; a live source (rtsp://..., "
+                         "--live) or --replay-realtime prints --jsonl's lines instead")
+        args.live = live
         return _watch_one(args)
     client = _connect(args)
     on_main = threading.current_thread() is threading.main_thread()
@@ -339,7 +355,7 @@ def main(argv=None) -> int:
         print("codecsight-client: interrupted again: quitting without END", file=sys.stderr)
         os._exit(130)
     except Exception as e:  # tritonclient raises InferenceServerException with the server's text
-        print(f"codecsight-client: {e}", file=sys.stderr)
+        print(f"codecsight-client: {redact_text(e)}", file=sys.stderr)
         return 1
     finally:
         if on_main:

@@ -14,10 +14,11 @@ Each camera runs two threads joined by a bounded queue of chunks:
 
 Back-pressure: when the server is slower than real time, chunks pile up; past the queue's
 depth the oldest unsent chunk is merged into the next one (merge_chunks): all of its bytes
-are still sent (the decoder needs them) but only one window is answered for both, so the
-answer is always about the newest video and nothing waits behind a backlog. Each merge is
-one dropped window, counted per stream. Video the merged request's window could not hold
-anyway is cut at a keyframe, so a request never grows past about one window of video.
+are still sent (the decoder needs them) but only one window is answered for both, so
+nothing waits behind a backlog. Each merge is one dropped window, counted per stream. Video
+the merged request's window could not hold anyway is cut at a keyframe, so a request never
+grows past about a window plus a GOP (and a stride) of video: under sustained overload,
+capture-to-answer latency is about one such request's time.
 """
 from __future__ import annotations
 
@@ -210,18 +211,20 @@ class CameraWatcher:
 
     def __init__(self, camera: Camera, client, observer: Observer, *, token: str,
                  stop: threading.Event, queue_depth: int = defaults.QUEUE_DEPTH,
-                 backoff: Backoff = Backoff(),
+                 backoff: Backoff = Backoff(), server: str | None = None,
                  request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
                  source_timeout_s: tuple[float, float] = (defaults.SOURCE_OPEN_TIMEOUT_S,
                                                           defaults.SOURCE_READ_TIMEOUT_S)):
         self.camera, self.client, self.observer = camera, client, observer
         self.token, self.stop = token, stop
         self.backoff = backoff
+        self.server = server         # the gRPC address, named when it is unreachable
         self.request_timeout_s = request_timeout_s
         self.source_timeout_s = source_timeout_s
         self.queue = ChunkQueue(queue_depth, merge=camera.paced, keep_s=camera.window_seconds)
         self.dropped_windows = 0     # running counts, reported with every window
-        self.reconnects = 0
+        self.reconnects = 0          # reconnects that delivered video again
+        self.attempts = 0            # reopen attempts after a failure (reconnect events)
         self.windows = 0
         self.gave_up: str | None = None   # why the reader stopped trying, if it did
         self.done = threading.Event()     # set once the sender has ended the stream
@@ -259,7 +262,10 @@ class CameraWatcher:
         try:
             loop()
         except Exception as e:
-            self.event("ended", f"stopped by an unexpected error: {e!r}")
+            if loop == self._read:   # the sender's `ended` event says why, once
+                self.gave_up = f"the reader stopped by an unexpected error: {e!r}"
+            else:
+                self.event("ended", f"stopped by an unexpected error: {e!r}")
         finally:
             if loop == self._read:
                 self.queue.close()
@@ -273,17 +279,19 @@ class CameraWatcher:
         while not self.stop.is_set():
             retrying = tenacity.Retrying(
                 wait=self.backoff.wait(),
-                stop=(tenacity.stop_after_attempt(camera.max_attempts) if camera.max_attempts
+                # A file that failed does not come back: one attempt. A camera may.
+                stop=(tenacity.stop_after_attempt(1) if not camera.live else
+                      tenacity.stop_after_attempt(camera.max_attempts) if camera.max_attempts
                       else tenacity.stop_never) | tenacity.stop_when_event_set(self.stop),
                 retry=tenacity.retry_if_exception_type(SourceLost),
                 sleep=self.stop.wait, before_sleep=self._before_reconnect, reraise=True)
             try:
                 outcome = retrying(self._connection)
             except SourceLost as e:
-                if not self.stop.is_set():
-                    self.gave_up = str(e)
-                    self.event("ended", f"gave up on the source after {camera.max_attempts} "
-                               f"failed attempt(s) in a row: {e}")
+                if not self.stop.is_set():   # the sender's one `ended` event says why
+                    self.gave_up = (f"gave up on the source after {camera.max_attempts} "
+                                    f"failed attempt(s) in a row: {e}" if camera.live else
+                                    f"the file failed; a file is not reopened: {e}")
                 return
             if outcome != "lost":      # a file ended, or stopped
                 return
@@ -292,6 +300,7 @@ class CameraWatcher:
     def _before_reconnect(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         delay = state.upcoming_sleep
+        self.attempts += 1
         self.event("reconnect", f"attempt {state.attempt_number + 1} in {delay:.1f} s "
                    f"(the last failed: {error})")
 
@@ -364,7 +373,7 @@ class CameraWatcher:
         finally:
             if delivered:
                 self._offset_s += end_s
-        if not delivered:
+        if not delivered or not camera.live:   # a file that failed midway is not reopened
             raise SourceLost(f"{camera.source}: {cause}")
         self.event("source_lost", f"{camera.source}: {cause}; reconnecting")
         return "lost"
@@ -382,7 +391,12 @@ class CameraWatcher:
         the server taking the stream back at our own keyframe restart: reported already)."""
         if self._restarting and "took the stream back" in message:
             return
-        self.event("server_error" if "unreachable" in message else "server_note", message)
+        if "unreachable" in message:
+            where = f"server {self.server}" if self.server else "server"
+            self.event("server_error", message.replace("server unreachable",
+                                                       f"{where} unreachable"))
+        else:
+            self.event("server_note", message)
 
     def _send(self) -> None:
         stream: StreamClient | None = None
@@ -394,7 +408,7 @@ class CameraWatcher:
                 if self.stop.is_set():
                     reason = "stopped"
                 elif self.gave_up:
-                    reason = "gave up on the source"
+                    reason = self.gave_up
                 break
             if stream is None or item.session != session or item.restart:
                 restarting = stream is not None and stream.started
@@ -442,7 +456,8 @@ class CameraWatcher:
             stream.end()
         self.event("ended", f"{'END sent' if ended else 'no stream open'} ({reason}); "
                    f"{self.windows} window(s) answered, {self.dropped_windows} dropped, "
-                   f"{self.reconnects} reconnect(s)")
+                   f"{self.reconnects} successful reconnect(s) in {self.attempts} "
+                   "reconnect attempt(s)")
 
 
 class Watcher:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import sys
 import threading
 
@@ -31,6 +32,21 @@ EVENT_KINDS = (
     "server_note",       # the server took back a stream this client had left open, or
                          # lost the stream's state and it resumed from its last keyframe
 )
+
+
+# user:password@ (or user@) after a URL's scheme: rtsp://admin:hunter2@10.0.0.5/stream1. Up
+# to the authority's last @: a password may hold an @ of its own.
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """text with the credentials of every URL in it masked: rtsp://***@10.0.0.5/stream1.
+
+    Every line the watcher or the client prints about a source goes through this (and the
+    operator page), so a camera's password never reaches a terminal, a log or a page.
+    """
+    return URL_CREDENTIALS.sub(r"\1***@", str(text))
+
 
 
 def utc_now() -> dt.datetime:
@@ -104,6 +120,8 @@ class StreamEvent:
     def __post_init__(self):
         if self.kind not in EVENT_KINDS:
             raise ValueError(f"unknown stream event kind {self.kind!r}")
+        # Messages name sources, and errors quote them: never a camera's password.
+        object.__setattr__(self, "message", redact_text(self.message))
 
     def line(self) -> str:
         return f"{iso(self.at)} {self.stream_id} {self.kind}: {self.message}"
@@ -154,7 +172,7 @@ class Observers(Observer):
                     if o in self._observers:
                         self._observers.remove(o)
                         print(f"codecsight-client: observer {type(o).__name__} failed and "
-                              f"was removed: {e!r}", file=sys.stderr, flush=True)
+                              f"was removed: {redact_text(repr(e))}", file=sys.stderr, flush=True)
 
     def on_stream(self, stream_id, question, settings):
         self._call("on_stream", stream_id, question, settings)

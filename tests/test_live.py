@@ -291,11 +291,103 @@ def test_an_unreachable_camera_retries_with_backoff_and_gives_up_when_told():
     t0 = time.monotonic()
     assert watcher.start().wait(30)
     kinds = [e.kind for e in seen.events]
-    assert kinds == ["reconnect", "reconnect", "ended", "ended"], kinds
+    assert kinds == ["reconnect", "reconnect", "ended"], kinds     # one `ended` per camera
     assert "gave up" in seen.events[2].message and dead in seen.events[2].message
+    # attempts are told apart from reconnects that worked
+    assert "0 successful reconnect(s) in 2 reconnect attempt(s)" in seen.events[2].message
     # waits 0.2-0.3 s, then 0.4-0.5 s, then three failed opens
     assert 0.6 <= time.monotonic() - t0 < 20
     assert all(e.stream_id == "cam-dead" for e in seen.events)
+
+
+def test_a_cameras_password_is_never_printed(capsys):
+    from codecsight_client.live import EventPrinter
+
+    dead = f"rtsp://admin:hunter2@127.0.0.1:{free_port()}/nothing"
+    seen = Recorder()
+    watcher = Watcher(None, [Camera("cam-secret", dead, max_attempts=2)],
+                      Observers([seen, EventPrinter()]), tokens={"cam-secret": "t"},
+                      backoff=Backoff(0.1, 0.2, 0.0))
+    assert watcher.start().wait(30)
+    printed = capsys.readouterr().err
+    assert [e.kind for e in seen.events] == ["reconnect", "ended"]
+    assert "hunter2" not in printed and "admin" not in printed
+    assert printed.count(f"rtsp://***@127.0.0.1:") >= 2     # the URL named, masked
+    assert all("hunter2" not in e.message for e in seen.events)
+
+
+def test_a_file_that_is_not_video_ends_its_camera_at_once(tmp_path):
+    from codecsight_client.live import CameraWatcher
+
+    bogus = tmp_path / "cams.toml"
+    bogus.write_text("not video\n" * 100)
+    seen = Recorder()
+    watcher = CameraWatcher(Camera("bogus", str(bogus), replay_realtime=True), None, seen,
+                            token="t", stop=threading.Event())
+    reader = watcher._threads[0]
+    reader.start()
+    reader.join(20)   # retried (the old behaviour), it would never end
+    assert not reader.is_alive() and watcher.queue.get() is None
+    # a file does not come back: no reconnect; the reason is kept for the one `ended` event
+    assert [e.kind for e in seen.events] == []
+    assert "a file is not reopened" in watcher.gave_up and str(bogus) in watcher.gave_up
+
+
+def test_watch_ends_a_bad_file_camera_and_goes_on_with_the_others(server, clip, tmp_path):
+    (tmp_path / "notes.mp4").write_text("not video\n" * 100)
+    config = tmp_path / "cams.toml"
+    config.write_text(f'[defaults]\nwindow_seconds = 4\nstride_seconds = 2\n'
+                      f'[[cameras]]\nstream_id = "good"\nurl = "{clip}"\n'
+                      f'[[cameras]]\nstream_id = "bad"\nurl = "notes.mp4"\n')
+    run = subprocess.run([sys.executable, "-m", "codecsight_client.cli", "watch", str(config),
+                          "--jsonl", "--url", server.grpc_url,
+                          "--token-file", str(tmp_path / "secret")],
+                         capture_output=True, text=True, timeout=120)
+    windows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [w["stream_id"] for w in windows] == ["good"] * 3, run.stderr   # the 6 s clip
+    bad = [line for line in run.stderr.splitlines() if " bad " in line]
+    assert len(bad) == 1 and " bad ended: " in bad[0] and "not reopened" in bad[0], bad
+    assert run.returncode == 1 and "gave up on camera(s) bad" in run.stderr
+
+
+def test_an_unreachable_server_is_named_in_its_event(clip):
+    from codecsight_client.stream import connect
+
+    address = f"127.0.0.1:{free_port()}"
+    seen = Recorder()
+    watcher = Watcher(connect(address), [Camera("cam-far", str(clip), stride_seconds=3.0)],
+                      Observers([seen]), tokens={"cam-far": "t"}, request_timeout_s=1.0,
+                      server=address).start()
+    assert watcher.wait(60)
+    errors = [e.message for e in seen.events if e.kind == "server_error"]
+    assert errors and f"server {address} unreachable" in errors[0], errors
+
+
+def test_a_live_url_without_live_is_followed_as_a_camera(tmp_path):
+    """codecsight-client rtsp://... (no --live) reconnects and reports, never a silent exit."""
+    dead = f"rtsp://127.0.0.1:{free_port()}/cam"
+    proc = subprocess.Popen([sys.executable, "-m", "codecsight_client.cli", dead,
+                             "--url", f"127.0.0.1:{free_port()}",
+                             "--token-file", str(tmp_path / "secret")],
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:        # the watcher's events: it retries the camera
+        lines.append(line)
+        if " reconnect: attempt 3 " in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    lines += proc.stderr.readlines()
+    assert proc.wait(60) == 0, lines
+    assert any(" reconnect: attempt 2 " in line for line in lines), lines
+    assert any(" ended: " in line and "stopped" in line for line in lines), lines
+
+
+def test_jsonl_or_dashboard_on_a_file_without_real_time_pacing_is_refused(clip):
+    for flag in (["--jsonl"], ["--dashboard", "127.0.0.1:0"]):
+        run = subprocess.run([sys.executable, "-m", "codecsight_client.cli", str(clip), *flag],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and run.stdout == ""
+        assert "add --replay-realtime" in run.stderr, run.stderr
 
 
 # -- a recorded run: codecsight-client watch over live RTSP cameras -----------------------

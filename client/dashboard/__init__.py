@@ -12,21 +12,19 @@ import asyncio
 import errno
 import ipaddress
 import json
-import re
 import socket
 import threading
 import time
 
 from codecsight_client.dashboard.cards import HISTORY_SECONDS, StreamCard
 from codecsight_client.dashboard.frames import STATUS_OFF, ThumbnailWorker
-from codecsight_client.observe import Observer, StreamEvent, WindowRecord, iso, utc_now
+from codecsight_client.observe import (Observer, StreamEvent, WindowRecord, iso,
+                                       redact_text, utc_now)
 
 __all__ = ["Dashboard", "DashboardError", "parse_bind", "start_dashboard"]
 
 STARTUP_TIMEOUT_S = 15.0
 REDACTED = "[admin key]"
-# user:password@ in a camera URL (rtsp://admin:hunter2@10.0.0.5/...) that an event names.
-URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
 
 class DashboardError(RuntimeError):
@@ -111,7 +109,7 @@ class Dashboard(Observer):
 
     def _redact(self, text: str) -> str:
         """Stream text as the page may show it: no admin key, no credentials in URLs."""
-        text = URL_CREDENTIALS.sub(r"\1***@", text)
+        text = redact_text(text)   # the watcher's one masking of credentials in URLs
         return text.replace(self._secret, REDACTED) if self._secret else text
 
     def _on_thumbnail(self, stream_id: str, thumbnail, status: str) -> None:
