@@ -469,6 +469,11 @@ def _annexb_packets(source: str, *, video_track: int | None = None,
                 recent.append(pts)
             else:
                 pts = clock
+                if not recent:
+                    # Untimed packets before any timed one (RTSP's first keyframe, whose
+                    # stream.start_time is the *next* packet's time): the first timed packet
+                    # is the origin, after these, or two packets would share time 0.
+                    origin = None
             if packet.duration and not raw:
                 duration = packet.duration * time_base
             else:

@@ -209,6 +209,18 @@ def test_a_live_source_first_packets_without_pts_are_timed_on_from_zero(clip):
     assert chunks[0].starts_with_keyframe and chunks[0].picture_size == (192, 112)
 
 
+def test_an_rtsp_sources_untimed_first_keyframe_does_not_share_time_0_with_the_next():
+    """The bundled clip over RTSP: its first packet has no pts and the stream's start_time
+    is the second packet's, which made both 0.0 s: 26 access units in the first 2 s and a
+    fifth frame sampled in the plain client's first window (trial item 14)."""
+    from streams import CLIP
+
+    with RtspServer({"/cam": Path(CLIP)}) as rtsp:
+        first = next(iter_chunks(rtsp.url("/cam"), 2.0, timeout=10))
+    # 12.5 fps: 25 access units 0.08 s apart, from 0.0 s
+    assert first.au_pts == pytest.approx([i * 0.08 for i in range(25)], abs=0.005)
+
+
 # -- the reader alone (no server): pacing and restarts ------------------------------------
 
 def read_only(camera: Camera, **options) -> tuple:
