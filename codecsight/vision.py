@@ -175,6 +175,24 @@ def check_merge_groups(positions: np.ndarray, merge_size: int, set_index: int = 
 # Encoder (torch)
 
 
+def rope_attention(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, rotate: Callable = rotate_half) -> torch.Tensor:
+    """A Qwen ViT block's attention with explicit rotary cos/sin and an additive or boolean
+    mask: x float32 [B, N, width], cos/sin [B, 1, N, head_dim], mask [B, 1, N, N].
+
+    The stock towers take cu_seqlens and packed lengths instead, which fix N at export time;
+    this uses the block's own qkv/proj weights through SDPA so N stays dynamic. rotate: the
+    family's rotate_half (RoPE pairs dimension i with i + d/2).
+    """
+    b, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)                                                   # [B, heads, N, hd]
+    q = q * cos + rotate(q) * sin
+    k = k * cos + rotate(k) * sin
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
 class PrunedVisionEncoder(torch.nn.Module):
     """A Qwen2-VL or Qwen2.5-VL ViT over an explicit patch set: attention at true positions.
 
@@ -229,13 +247,7 @@ class PrunedVisionEncoder(torch.nn.Module):
     @staticmethod
     def _attention(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                               # [B, heads, N, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return rope_attention(attn, x, cos, sin, mask)
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Encode patch sets into merged visual tokens.

@@ -51,14 +51,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 # RoPE's pairing (dimension i turns with i + d/2), the model's own function.
 from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
 
 from codecsight.checkpoint import DOMAIN_WORDS, SPECIAL_TOKENS, Geometry
 from codecsight.families.base import (CheckpointSettings, Family, FrameRows, WindowLayout,
                                       continue_text, rope_axes_from_sections)
-from codecsight.vision import check_merge_groups
+from codecsight.vision import check_merge_groups, rope_attention
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL's processors normalise with IMAGENET_STANDARD_MEAN / _STD; a checkpoint's
@@ -259,13 +258,7 @@ class PrunedTower(torch.nn.Module):
         self.token_width = self.vision_hidden * (1 + len(self.deepstack_layers))
 
     def _attention(self, attn, x, cos, sin, mask):
-        b, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                        # [B, heads, N, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return rope_attention(attn, x, cos, sin, mask, rotate=rotate_half)
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Encode patch sets into merged tokens with their deepstack features behind them.
