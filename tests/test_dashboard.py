@@ -7,6 +7,7 @@ watcher does (on_chunk before each request, on_window after its answer).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -17,17 +18,21 @@ import time
 import urllib.error
 import urllib.request
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from codecsight import protocol as P
 from codecsight.serve import REPO_ROOT
-from codecsight_client.dashboard import DashboardError, parse_bind, start_dashboard
+from codecsight_client.dashboard import (STATUS_ENDED, DashboardError, parse_bind,
+                                         start_dashboard)
 from codecsight.checkpoint import Geometry
 from codecsight.parser import StreamParser
 from codecsight_client.dashboard.frames import (DROPPED_RGBA, KEPT_RGBA, STATUS_BEHIND,
-                                                STATUS_WAITING, ThumbnailWorker)
+                                                STATUS_DECODING, STATUS_NO_VIDEO,
+                                                STATUS_OFF, STATUS_WAITING, ThumbnailWorker,
+                                                render_thumbnail)
 from codecsight_client.demux import iter_chunks
 from codecsight_client.observe import StreamEvent, WindowRecord, utc_now
 from codecsight_client.stream import StreamClient, connect
@@ -70,8 +75,11 @@ def test_bind_addresses_parse_and_bad_ones_say_what_to_give():
 
 
 def test_a_non_loopback_address_is_refused_unless_allowed():
-    with pytest.raises(DashboardError, match="no authentication"):
+    with pytest.raises(DashboardError, match="no authentication") as refused:
         start_dashboard("0.0.0.0:0")
+    # Trial item 7: it names the way that exists (an SSH tunnel), no option that does not.
+    assert "SSH tunnel (ssh -L" in str(refused.value)
+    assert "explicitly" not in str(refused.value) and "--" not in str(refused.value)
 
 
 def test_a_port_in_use_is_a_clear_error_and_close_stops_serving():
@@ -182,7 +190,112 @@ def test_a_decoder_that_falls_behind_drops_work_and_restarts_at_a_keyframe():
         time.sleep(0.01)
     worker.submit_chunk("cam", "h264", chunks[0])   # after the loss: a fresh decoder
     worker.stop()
-    assert seen == [STATUS_WAITING, STATUS_BEHIND, STATUS_WAITING]
+    # chunks[0] starts with a keyframe: each fresh decoder can decode at once
+    assert seen == [STATUS_DECODING, STATUS_BEHIND, STATUS_DECODING]
+
+
+def record_for(chunk, stats) -> WindowRecord:
+    """A WindowRecord as the watcher makes one for a chunk's answer (stats: its PARSE_STATS)."""
+    return WindowRecord(stream_id="cam", question="q", window_start_s=chunk.start_s,
+                        window_end_s=chunk.end_s, captured_at=utc_now(), answered_at=utc_now(),
+                        answer="", request_ms=0.0, bytes_sent=len(chunk.data),
+                        dropped_windows=0, reconnects=0, parse=stats, llm=P.LlmStats.empty(),
+                        chunk=chunk)
+
+
+def test_access_units_that_share_a_time_are_matched_as_the_server_times_them(tiny_dir):
+    """Issue 14's trial: an RTSP source's first two access units both had time 0.0. The
+    server times the second frame 1/fps later and every later frame of that run one frame
+    later too, so its sampled frame "at 1.52 s" is the access unit at 1.44 s: the page draws
+    that very frame (not the one whose AU_PTS is 1.52 s), and one for every answer."""
+    # As the demuxer timed it then: the keyframe had no time and got 0.0; the origin was the
+    # next one's, so every later access unit came one frame (0.08 s) early, the second at 0.0.
+    chunks = [dataclasses.replace(c, au_pts=tuple(max(0.0, t - 0.08) if (c.index, i) != (0, 0)
+                                                  else 0.0 for i, t in enumerate(c.au_pts)))
+              for c in itertools.islice(iter_chunks(CLIP, 2.0), 4)]
+    assert chunks[0].au_pts[:3] == (0.0, 0.0, 0.08)
+    parser = StreamParser(Geometry.from_model_dir(tiny_dir), "h264", 12.5, 2.0,
+                          policy="codec")
+    seen = []
+    worker = ThumbnailWorker(lambda sid, thumb, status: seen.append((thumb, status)),
+                             min_interval_s=0)
+    worker.set_active(True)
+    sampled = []
+    for chunk in chunks:
+        stats = parser.parse(chunk.data, au_bytes=chunk.au_sizes, au_pts=chunk.au_pts).stats
+        sampled.append(stats.kept_masks[-1]["time_s"])
+        worker.submit_chunk("cam", "h264", chunk)
+        worker.submit_record("cam", record_for(chunk, stats))
+    worker.stop()
+    thumbs = [t for t, _ in seen if t is not None]
+    # The server times every frame after the repeated time one frame (0.08 s) after its
+    # AU_PTS, i.e. back at the clip's own times; a thumbnail for every answer.
+    assert sampled == [1.52, 3.52, 5.52, 7.52] and [t.time_s for t in thumbs] == sampled
+    # Each drawn frame is the one the server took: the clip's own frame at the reported
+    # time, whose AU_PTS here says 0.08 s earlier (matching AU_PTS would draw the next one).
+    decoded = {}
+    ctx = av.CodecContext.create("h264", "r")
+    for chunk in itertools.islice(iter_chunks(CLIP, 2.0), 5):
+        for data, pts in chunk.access_units():
+            packet = av.Packet(data)
+            packet.pts = round(pts * 90_000)
+            decoded.update({round(f.pts / 90_000, 3): f for f in ctx.decode(packet)})
+    whole = P.pack_kept_mask(np.ones(thumbs[0].grid, bool), t=0, time_s=0.0, group_px=28)
+    for thumb in thumbs:
+        expected = render_thumbnail(decoded[round(thumb.time_s, 3)], whole,
+                                    [768, 432], 0, 0, 0.0)
+        assert thumb.frame_png == expected.frame_png, thumb.time_s
+
+
+def test_a_sampled_frame_that_never_comes_out_is_named_on_the_card(tiny_dir):
+    """Never wait silently: an answer whose sampled time no decoded frame has (here its
+    kept mask is moved 40 ms, between two frames) is reported once later frames come out."""
+    parser = StreamParser(Geometry.from_model_dir(tiny_dir), "h264", 12.5, 2.0,
+                          policy="codec")
+    seen = []
+    worker = ThumbnailWorker(lambda sid, thumb, status: seen.append((thumb, status)),
+                             min_interval_s=0)
+    worker.set_active(True)
+    for chunk in itertools.islice(iter_chunks(CLIP, 2.0), 3):
+        stats = parser.parse(chunk.data, au_bytes=chunk.au_sizes, au_pts=chunk.au_pts).stats
+        if chunk.index == 1:
+            masks = [dict(m) for m in stats.kept_masks]
+            masks[-1]["time_s"] = round(masks[-1]["time_s"] + 0.04, 3)   # 3.56 s: no frame
+            stats = dataclasses.replace(stats, kept_masks=masks)
+        worker.submit_chunk("cam", "h264", chunk)
+        worker.submit_record("cam", record_for(chunk, stats))
+    worker.stop()
+    statuses = [status for thumb, status in seen if thumb is None]
+    assert any("the frame the server sampled at 3.560 s was not decoded here" in s
+               for s in statuses), statuses
+    assert [t.time_s for t, _ in seen if t is not None] == [1.52, 5.52]
+
+
+def test_the_card_says_why_it_has_no_frame_while_a_page_is_open():
+    """Trial item 8: never "decoded only while a page is open" while one is; a stream that
+    sent nothing says so, and one that ended before a frame was drawn says that."""
+    board = start_dashboard("127.0.0.1:0")
+    try:
+        for sid in ("bogus", "short"):
+            board.on_stream(sid, "q", clip_settings())
+        board.on_event(StreamEvent("short", "ended", "END sent (the source ended)"))
+
+        def statuses():
+            cards = json.loads(get(board.url + "api/streams"))["streams"]
+            return {c["stream_id"]: (c["thumbnail"]["status"], c["thumbnail"]["frame_url"])
+                    for c in cards}
+
+        assert statuses()["bogus"] == (STATUS_OFF, None)   # no page open: true
+        with urllib.request.urlopen(board.url + "events", timeout=10) as events:
+            events.readline()
+            assert board.wants_chunks
+            now = statuses()
+            assert now == {"bogus": (STATUS_NO_VIDEO, None), "short": (STATUS_ENDED, None)}
+            board.on_event(StreamEvent("bogus", "ended", "gave up on the source"))
+            assert statuses()["bogus"] == (STATUS_ENDED, None)
+        assert get(board.url + "favicon.ico").startswith(b"<svg")   # no 404 in the console
+    finally:
+        board.close()
 
 
 # --- in a real browser, with real answers -----------------------------------------------------
@@ -349,10 +462,14 @@ def test_a_real_time_watcher_serves_the_operator_page(server, tmp_path):
     ids = [new_id("gate"), new_id("yard")]
     questions = dict(zip(ids, ["is anyone moving?", XSS_QUESTION]))
     proc, url, lines = start_watcher(tmp_path, server, questions)
+    failed = []   # requests the page made that failed (a favicon 404 was one): none may
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("response", lambda r: r.status >= 400 and failed.append(
+                f"{r.status} {r.url}"))
+            page.on("console", lambda m: m.type == "error" and failed.append(m.text))
             page.goto(url)
             wait_until(page, "window.codecsight !== undefined")
             page.evaluate("window.__sameDocument = true")
@@ -360,6 +477,16 @@ def test_a_real_time_watcher_serves_the_operator_page(server, tmp_path):
             wait_until(page, "document.querySelectorAll('.card').length == 2")
             assert sorted(page.locator(".card").evaluate_all(
                 "cs => cs.map(c => c.dataset.streamId)")) == sorted(ids)
+            # A card without a frame (yet) shows why in a box, never a broken image or
+            # "decoded only while a page is open" (one is).
+            for card in page.locator(".card").all():
+                overlay = card.locator("img.overlay")
+                if not overlay.evaluate("i => i.complete && i.naturalWidth > 0"):
+                    assert not overlay.is_visible()
+                    text = card.locator(".placeholder").text_content()
+                    assert card.locator(".placeholder").is_visible() and \
+                        text.startswith("No frame yet"), text
+                    assert "only while a page is open" not in text
             # Answers update without a reload: two answers per stream rendered in one document
             # (the page fetches /api/streams once, at load: a second answer came as an event;
             # 2 s strides, a loaded CI machine answers one in ~1-10 s).
@@ -397,8 +524,18 @@ def test_a_real_time_watcher_serves_the_operator_page(server, tmp_path):
             assert card.locator("script, b").count() == 0
             wait_until(page, "[...document.querySelectorAll('.plot img')].every("
                              "i => !i.hidden && i.complete && i.naturalWidth > 0)")
+            # The README's screenshot (docs/img/dashboard.png is copied from it): frames from
+            # 16 s of stream time on, where cars drive through and the codec policy keeps part
+            # of each frame (~12 s more; a bounded wait, the checks above are done).
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and not all(
+                    (c["thumbnail"].get("time_s") or 0) >= 16 for c in
+                    json.loads(page.request.get(url + "api/streams").body())["streams"]):
+                time.sleep(0.5)
+            time.sleep(0.5)   # the page renders the last event
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert page.locator(".placeholder:visible").count() == 0   # both drew a frame
             browser.close()
     finally:
         proc.send_signal(signal.SIGTERM)   # the watcher ends every stream with END
@@ -408,4 +545,68 @@ def test_a_real_time_watcher_serves_the_operator_page(server, tmp_path):
             proc.kill()
             raise
     assert code == 0, "".join(lines[-20:])
+    assert not failed, failed
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+# --- issue 14's trial: a live RTSP camera (GStreamer's RTSP server) gets frames too ----------
+
+@pytest.mark.server
+def test_a_live_rtsp_camera_gets_a_frame_whose_overlay_matches_its_kept_mask(server, tmp_path):
+    """`codecsight-client rtsp://... --live --dashboard` with a page open (an open /events
+    stream is what makes the watcher hand chunks over): the card gets the frames the server
+    sampled, and each overlay highlights exactly its PARSE_STATS kept share. The trial saw
+    none in 25 s: the RTSP source's first two access units shared time 0.0."""
+    from rtsp_server import RtspServer
+
+    sid = new_id("rtsp-cam")
+    with RtspServer({"/cam": CLIP}) as rtsp:
+        proc = subprocess.Popen(
+            [str(CLIENT), rtsp.url("/cam"), "--live", "--url", server.grpc_url,
+             "--stream-id", sid, "--fps", "2", "--window-seconds", "4",
+             "--stride-seconds", "2", "--dashboard", "127.0.0.1:0",
+             "--token-file", str(tmp_path / "secret")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        found = threading.Event()
+
+        def read():
+            for line in proc.stderr:
+                lines.append(line)
+                if "operator page at " in line:
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            assert found.wait(60), "no page URL:\n" + "".join(lines[-20:])
+            url = next(l for l in lines if "operator page at " in l).split(
+                "operator page at ")[1].strip()
+            page = urllib.request.urlopen(url + "events", timeout=30)   # the page is open
+            # Keyframes every 4.8 s, a 2 s stride, answers in ~1-10 s on a loaded 2-core
+            # machine: two drawn frames within 60 s, or the card must say why not.
+            deadline, drawn, card = time.monotonic() + 60, {}, None
+            while len(drawn) < 2:
+                cards = json.loads(get(url + "api/streams"))["streams"]
+                card = next((c for c in cards if c["stream_id"] == sid), None)
+                thumb = card and card["thumbnail"]
+                if thumb and thumb["frame_url"] and thumb["time_s"] not in drawn:
+                    images = [np.asarray(Image.open(io.BytesIO(get(
+                        url + thumb[key].lstrip("/")))), dtype=float)
+                        for key in ("overlay_url", "frame_url")]
+                    drawn[thumb["time_s"]] = (highlighted_share(
+                        *images, thumb["grid"], thumb["cell_px"]), thumb["stats_kept_share"])
+                    assert thumb["kept_groups"] == thumb["stats_kept_groups"]
+                    assert "was not decoded here" not in thumb["status"], thumb["status"]
+                assert time.monotonic() < deadline, \
+                    f"no frame drawn: {card and card['thumbnail']}\n" + "".join(lines[-20:])
+                time.sleep(0.5)
+            page.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+    for time_s, (shown, expected) in drawn.items():
+        assert shown == pytest.approx(expected, abs=1e-4), time_s

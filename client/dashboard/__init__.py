@@ -17,13 +17,14 @@ import threading
 import time
 
 from codecsight_client.dashboard.cards import HISTORY_SECONDS, StreamCard
-from codecsight_client.dashboard.frames import STATUS_OFF, ThumbnailWorker
+from codecsight_client.dashboard.frames import STATUS_NO_VIDEO, STATUS_OFF, ThumbnailWorker
 from codecsight_client.observe import (Observer, StreamEvent, WindowRecord, iso,
                                        redact_text, utc_now)
 
 __all__ = ["Dashboard", "DashboardError", "parse_bind", "start_dashboard"]
 
 STARTUP_TIMEOUT_S = 15.0
+STATUS_ENDED = "the stream ended before a sampled frame was drawn here"
 REDACTED = "[admin key]"
 
 
@@ -100,7 +101,10 @@ class Dashboard(Observer):
         self._notify(record.stream_id)
 
     def on_event(self, event: StreamEvent) -> None:
-        self._card(event.stream_id).add_event(event, self._redact(event.message))
+        card = self._card(event.stream_id)
+        card.add_event(event, self._redact(event.message))
+        if event.kind == "ended":   # no more video: the card says so rather than "waiting"
+            card.end(STATUS_ENDED)
         self._notify(event.stream_id)
 
     def on_chunk(self, stream_id: str, chunk) -> None:
@@ -172,9 +176,9 @@ class Dashboard(Observer):
         self._loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._queues.add(q)
+        if self._watchers == 0:
+            self._set_page_open(True)
         self._watchers += 1
-        if self._watchers == 1:
-            self.thumbnails.set_active(True)
         try:
             pending = set(self.cards)
             while not self._closing.is_set():
@@ -195,7 +199,19 @@ class Dashboard(Observer):
             self._queues.discard(q)
             self._watchers -= 1
             if self._watchers == 0:
-                self.thumbnails.set_active(False)
+                self._set_page_open(False)
+
+    def _set_page_open(self, is_open: bool) -> None:
+        """The first page opened or the last one closed: every card's thumbnail status says
+        what happens now (the decoder's own statuses follow, on its thread, as chunks come;
+        an ended stream keeps saying it ended). Before chunks are wanted (they would be
+        dropped before the decoder is active)."""
+        with self._lock:
+            cards = list(self.cards.values())
+        for card in cards:
+            card.set_thumbnail(None, STATUS_NO_VIDEO if is_open else STATUS_OFF)
+            self._notify(card.stream_id)
+        self.thumbnails.set_active(is_open)
 
     # --- serving ---------------------------------------------------------------------------------
     def serve(self, host: str, port: int, allow_remote: bool = False) -> "Dashboard":
@@ -209,10 +225,14 @@ class Dashboard(Observer):
         from codecsight_client.dashboard.app import build_app
 
         if not is_loopback(host) and not allow_remote:
+            # No option serves it on the network (README "Operator page"): name the way.
+            shown_port = port or 8080
             raise DashboardError(
                 f"refusing to serve the operator page on {host}: it has no authentication "
-                "and shows every stream's answers; bind it to 127.0.0.1 (reach it remotely "
-                "through an SSH tunnel), or allow a non-loopback address explicitly")
+                "and shows every stream's answers; serve it on 127.0.0.1 and reach it "
+                "from another machine through an SSH tunnel (ssh -L "
+                f"{shown_port}:127.0.0.1:{shown_port} THIS-HOST, then open "
+                f"http://127.0.0.1:{shown_port}/)")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -3,7 +3,7 @@
 Routes: GET / (the page), GET /api/streams (every card as JSON), GET /events (server-sent
 events: one `stream` event per changed card, the same JSON), GET /streams/{id}/frame.png,
 overlay.png (?v=N: that thumbnail version, kept for a few seconds) and plot.png, GET
-/static/* (the page's script and style).
+/static/* (the page's script, style and icon), GET /favicon.ico (the same icon).
 
 Stream text (IDs, questions, answers, event messages) is untrusted: it only ever travels as
 JSON and the page sets it with textContent; the Content-Security-Policy allows no inline
@@ -61,6 +61,9 @@ def build_app(board, allowed_hosts: list[str]) -> Starlette:
     async def index(request: Request):
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
 
+    async def favicon(request: Request):   # browsers ask for it even with a <link>
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     async def streams(request: Request):
         return JSONResponse(board.snapshot(), headers={"cache-control": "no-store"})
 
@@ -87,6 +90,7 @@ def build_app(board, allowed_hosts: list[str]) -> Starlette:
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", favicon),
         Route("/api/streams", streams),
         Route("/events", events),
         Route("/streams/{stream_id}/frame.png", image("frame")),

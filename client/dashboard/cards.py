@@ -96,6 +96,7 @@ class StreamCard:
         # that very frame and overlay, never a newer one that arrived in between.
         self.thumbnails: collections.OrderedDict = collections.OrderedDict()
         self.thumbnail_status = "decoded only while a page is open"
+        self.ended = False     # an "ended" event came: no more video, no more decoder states
 
     def add_record(self, record: WindowRecord) -> None:
         """Take one answered window."""
@@ -164,7 +165,13 @@ class StreamCard:
             self.events.append({"kind": event.kind, "message": message, "at": iso(event.at)})
 
     def set_thumbnail(self, thumbnail: Thumbnail | None, status: str) -> None:
+        """A new thumbnail and/or status. After the stream ended only a thumbnail (the
+        decoder catching up on its last answers) changes the card."""
         with self.lock:
+            if self.ended:
+                if thumbnail is None:
+                    return
+                status += "; the stream has ended"
             if thumbnail is not None:
                 self.thumbnail = thumbnail
                 self.thumbnail_version += 1
@@ -174,6 +181,17 @@ class StreamCard:
             if thumbnail is not None or status != self.thumbnail_status:
                 self.version += 1
             self.thumbnail_status = status
+
+    def end(self, status_without_frame: str) -> None:
+        """The stream ended: a card without a thumbnail says status_without_frame; one with
+        a thumbnail keeps it and says the stream ended."""
+        with self.lock:
+            if not self.ended:
+                self.ended = True
+                self.version += 1
+                self.thumbnail_status = status_without_frame if self.thumbnail is None else (
+                    f"last sampled frame drawn at {self.thumbnail.time_s:.2f} s; "
+                    "the stream has ended")
 
     def thumbnail_at(self, version: int | None) -> Thumbnail | None:
         """The thumbnail of that version (None: the latest), or None when gone or never made."""

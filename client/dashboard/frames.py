@@ -8,7 +8,10 @@ answer's PARSE_STATS says which frame the server sampled (`kept_masks[-1]["time_
 decoded frame with that presentation time is the one drawn, so the overlay matches it. At most
 one thumbnail per stream per `min_interval_s` is converted and drawn; the other frames are
 decoded (a decoder cannot skip them) and dropped. A decoder started mid-GOP (a page opened
-while streams run) can only begin at the next keyframe; the card says so meanwhile.
+while streams run) can only begin at the next keyframe; the card says so meanwhile. A sampled
+frame still waits while its frame may come out later (a decoder holds B-frames back until the
+next chunk's packets); once a later frame has come out, or a newer answer's frame is waiting
+too, the card says it was not decoded here, and why, rather than waiting silently.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ THUMBNAIL_WIDTH = 480        # px, at most; cells stay whole pixels (see render_
 KEPT_RGBA = (0, 255, 120, 90)   # tint of a kept merge group
 DROPPED_RGBA = (0, 0, 0, 150)   # shade of a merge group the ViT did not see
 
+MAX_WANTED = 2               # sampled frames waiting to come out of a stream's decoder
 STATUS_OFF = "decoded only while a page is open"
+STATUS_NO_VIDEO = "no video from this stream since the page opened"
 STATUS_WAITING = "waiting for the stream's next keyframe (this decoder started mid-GOP)"
 STATUS_DECODING = "decoding; the next sampled frame is drawn here"
 STATUS_BEHIND = "thumbnail decoder fell behind and restarts at the next keyframe"
@@ -97,9 +102,26 @@ class _StreamDecoder:
         self.codec = codec
         self.chunks: collections.deque = collections.deque()
         self.synced = False            # a frame came out: the decoder passed a keyframe
-        self.wanted: _Wanted | None = None
+        self.wanted: collections.deque = collections.deque()   # _Wanted, oldest first
+        self.first_time: float | None = None   # s: this decoder's first frame (a keyframe)
+        self.last_time: float | None = None    # s: the previous frame's time, as the server
+        self.interval: float | None = None     # s: the source's frame interval (AU_PTS steps)
         self.last_drawn = -1e9         # monotonic s
         self.errors = 0
+
+
+def frame_time(state: _StreamDecoder, pts: float) -> float:
+    """A decoded frame's stream time as the server gives it (codecsight.parser.StreamParser.
+    frame_time): its own presentation time, or, where that is not after the previous frame's
+    (an RTSP source's first access units can share time 0), the previous one's + a frame
+    interval; the server then reports every later frame of that run a frame later too, and
+    so must the match. s; updates state.last_time."""
+    last = state.last_time
+    if last is None or pts > last + 1e-6 or state.interval is None:
+        state.last_time = pts
+    else:
+        state.last_time = last + state.interval
+    return state.last_time
 
 
 class ThumbnailWorker:
@@ -181,7 +203,8 @@ class ThumbnailWorker:
         state = self.streams.get(stream_id)
         if state is None or state.codec != codec:
             state = self.streams[stream_id] = _StreamDecoder(codec)
-            self.on_thumbnail(stream_id, None, STATUS_WAITING)
+            keyframe = getattr(chunk, "starts_with_keyframe", False)
+            self.on_thumbnail(stream_id, None, STATUS_DECODING if keyframe else STATUS_WAITING)
         state.chunks.append(chunk)
         if len(state.chunks) > MAX_QUEUED_CHUNKS:   # no answers for a long while
             del self.streams[stream_id]
@@ -196,8 +219,12 @@ class ThumbnailWorker:
         now = time.monotonic()
         if masks and record.parse.served_size and now - state.last_drawn >= self.min_interval_s:
             per_frame = record.parse.groups_kept_per_frame
-            state.wanted = _Wanted(masks[-1], record.parse.served_size, record.parse.rotation,
-                                   per_frame[len(masks) - 1], record.window_end_s)
+            if len(state.wanted) >= MAX_WANTED:   # a newer answer's frame replaces it
+                self._missed(stream_id, state, state.wanted.popleft(),
+                             "a newer answer's frame is due first")
+            state.wanted.append(_Wanted(masks[-1], record.parse.served_size,
+                                        record.parse.rotation, per_frame[len(masks) - 1],
+                                        record.window_end_s))
         # Decode up to and including the answered chunk: its frames are now explained.
         while state.chunks:
             chunk = state.chunks.popleft()
@@ -206,6 +233,10 @@ class ThumbnailWorker:
                 break
 
     def _decode(self, stream_id: str, state: _StreamDecoder, chunk) -> None:
+        steps = sorted(b - a for a, b in zip(sorted(chunk.au_pts), sorted(chunk.au_pts)[1:])
+                       if b - a > 1e-6)
+        if steps:
+            state.interval = steps[len(steps) // 2]
         for data, pts in chunk.access_units():
             packet = av.Packet(data)
             packet.pts = round(pts * PTS_RATE)
@@ -223,19 +254,37 @@ class ThumbnailWorker:
                 self._offer(stream_id, state, frame)
 
     def _offer(self, stream_id: str, state: _StreamDecoder, frame: av.VideoFrame) -> None:
-        wanted = state.wanted
-        if wanted is None or frame.pts is None:
+        if frame.pts is None:   # never from _decode's packets (each has a pts); say so if so
+            self.on_thumbnail(stream_id, None, "a decoded frame has no presentation time: "
+                              "its sampled frame cannot be found")
             return
-        time_s = frame.pts / PTS_RATE
-        if abs(time_s - wanted.entry["time_s"]) <= MATCH_TOLERANCE_S:
-            thumbnail = render_thumbnail(frame, wanted.entry, wanted.served_size,
-                                         wanted.rotation, wanted.stats_kept_groups,
-                                         wanted.window_end_s)
-            state.wanted, state.last_drawn = None, time.monotonic()
-            self.on_thumbnail(stream_id, thumbnail, f"sampled frame at {thumbnail.time_s:.2f} s")
-        elif time_s > wanted.entry["time_s"] + MATCH_TOLERANCE_S:
-            # Frames come out in display order: the sampled one was not decoded here.
-            state.wanted = None
-            self.on_thumbnail(stream_id, None, f"the frame sampled at "
-                              f"{wanted.entry['time_s']:.3f} s was not decoded here; waiting "
-                              "for the next")
+        time_s = frame_time(state, frame.pts / PTS_RATE)
+        if state.first_time is None:
+            state.first_time = time_s
+        while state.wanted:
+            wanted = state.wanted[0]
+            target = wanted.entry["time_s"]
+            if abs(time_s - target) <= MATCH_TOLERANCE_S:
+                state.wanted.popleft()
+                thumbnail = render_thumbnail(frame, wanted.entry, wanted.served_size,
+                                             wanted.rotation, wanted.stats_kept_groups,
+                                             wanted.window_end_s)
+                state.last_drawn = time.monotonic()
+                self.on_thumbnail(stream_id, thumbnail,
+                                  f"sampled frame at {thumbnail.time_s:.2f} s")
+                return
+            if time_s < target:
+                return   # frames come out in display order: it may still come
+            state.wanted.popleft()
+            self._missed(stream_id, state, wanted, f"frames came out at {time_s:.3f} s "
+                         "and later instead")
+
+    def _missed(self, stream_id: str, state: _StreamDecoder, wanted: _Wanted,
+                why: str) -> None:
+        """A sampled frame that will not be drawn: the card says why (unless it lay before
+        this decoder's first keyframe, where the card already says it waits for one)."""
+        target = wanted.entry["time_s"]
+        if state.first_time is None or target < state.first_time - MATCH_TOLERANCE_S:
+            return
+        self.on_thumbnail(stream_id, None, f"the frame the server sampled at {target:.3f} s "
+                          f"was not decoded here ({why}); waiting for the next")

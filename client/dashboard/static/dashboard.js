@@ -43,6 +43,7 @@ function buildCard(id) {
     title: el("h2"), question: el("div", "question"), settings: el("div", "muted"),
     answer: el("div", "answer"), answerTime: el("div", "answer-time"),
     thumb: el("div", "thumb"), overlay: el("img"), thumbStatus: el("span", "muted"),
+    placeholder: el("div", "placeholder"),
     timeline: el("div", "timeline"), savings: el("table", "savings"),
     stages: el("table", "stages"), plot: el("div", "plot"), plotImg: el("img"),
     health: el("div", "health"), events: el("ul", "events"),
@@ -50,7 +51,8 @@ function buildCard(id) {
   parts.overlay.alt = "latest sampled frame with the kept merge groups highlighted";
   parts.overlay.className = "overlay";
   parts.overlay.hidden = true;
-  parts.thumb.append(parts.overlay, parts.thumbStatus);
+  // Until a frame is drawn: a box saying why there is none (never a broken image).
+  parts.thumb.append(parts.overlay, parts.placeholder, parts.thumbStatus);
   parts.plotImg.alt = "kept share and latency over the last minutes";
   parts.plotImg.hidden = true;
   parts.plot.append(parts.plotImg);
@@ -101,11 +103,16 @@ function render(data) {
   if (t.overlay_url) {
     if (p.overlay.getAttribute("src") !== t.overlay_url) p.overlay.src = t.overlay_url;
     p.overlay.hidden = false;
+    p.placeholder.hidden = true;
+    p.thumbStatus.hidden = false;
     p.thumbStatus.textContent = "stream time " + fmt(t.time_s, 2) + " s · " + t.kept_groups
       + " of " + t.grid[0] * t.grid[1] + " merge groups seen (" + pct(t.stats_kept_share)
       + ") · " + t.status;
   } else {
-    p.thumbStatus.textContent = "thumbnail: " + t.status;
+    p.overlay.hidden = true;
+    p.placeholder.hidden = false;
+    p.placeholder.textContent = "No frame yet \u2014 " + t.status;
+    p.thumbStatus.hidden = true;
   }
 
   p.timeline.replaceChildren(...data.timeline.map((w) => {
