@@ -25,8 +25,8 @@ from PIL import Image
 
 from codecsight import protocol as P
 from codecsight.serve import REPO_ROOT
-from codecsight_client.dashboard import (STATUS_ENDED, DashboardError, parse_bind,
-                                         start_dashboard)
+from codecsight_client.dashboard import (STATUS_ENDED, STATUS_NO_SOURCE, DashboardError,
+                                         parse_bind, start_dashboard)
 from codecsight.checkpoint import Geometry
 from codecsight.parser import StreamParser
 from codecsight_client.dashboard.frames import (DROPPED_RGBA, KEPT_RGBA, STATUS_BEHIND,
@@ -291,7 +291,11 @@ def test_the_card_says_why_it_has_no_frame_while_a_page_is_open():
             assert board.wants_chunks
             now = statuses()
             assert now == {"bogus": (STATUS_NO_VIDEO, None), "short": (STATUS_ENDED, None)}
+            board.on_event(StreamEvent("bogus", "reconnect", "attempt 2 in 0.8 s"))
+            assert statuses()["bogus"] == (STATUS_NO_SOURCE, None)
             board.on_event(StreamEvent("bogus", "ended", "gave up on the source"))
+            assert statuses()["bogus"] == (STATUS_ENDED, None)
+            board.on_event(StreamEvent("bogus", "connected", "too late"))   # ended stays
             assert statuses()["bogus"] == (STATUS_ENDED, None)
         assert get(board.url + "favicon.ico").startswith(b"<svg")   # no 404 in the console
     finally:

@@ -25,6 +25,8 @@ __all__ = ["Dashboard", "DashboardError", "parse_bind", "start_dashboard"]
 
 STARTUP_TIMEOUT_S = 15.0
 STATUS_ENDED = "the stream ended before a sampled frame was drawn here"
+STATUS_NO_SOURCE = "no video: the source is not open (see the reconnect events below)"
+STATUS_SOURCE_OPEN = "the source is open; a sampled frame is drawn here once one is answered"
 REDACTED = "[admin key]"
 
 
@@ -105,6 +107,10 @@ class Dashboard(Observer):
         card.add_event(event, self._redact(event.message))
         if event.kind == "ended":   # no more video: the card says so rather than "waiting"
             card.end(STATUS_ENDED)
+        elif event.kind in ("source_lost", "reconnect", "connected") and self._watchers \
+                and card.thumbnail is None:   # a page is open and waits: say for what
+            card.set_thumbnail(None, STATUS_SOURCE_OPEN if event.kind == "connected"
+                               else STATUS_NO_SOURCE)
         self._notify(event.stream_id)
 
     def on_chunk(self, stream_id: str, chunk) -> None:
@@ -209,7 +215,8 @@ class Dashboard(Observer):
         with self._lock:
             cards = list(self.cards.values())
         for card in cards:
-            card.set_thumbnail(None, STATUS_NO_VIDEO if is_open else STATUS_OFF)
+            card.set_thumbnail(None, STATUS_OFF if not is_open else STATUS_NO_SOURCE
+                               if card.source_open is False else STATUS_NO_VIDEO)
             self._notify(card.stream_id)
         self.thumbnails.set_active(is_open)
 

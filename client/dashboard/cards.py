@@ -97,6 +97,7 @@ class StreamCard:
         self.thumbnails: collections.OrderedDict = collections.OrderedDict()
         self.thumbnail_status = "decoded only while a page is open"
         self.ended = False     # an "ended" event came: no more video, no more decoder states
+        self.source_open: bool | None = None   # from the events: connected / lost (None: yet)
 
     def add_record(self, record: WindowRecord) -> None:
         """Take one answered window."""
@@ -162,6 +163,8 @@ class StreamCard:
         with self.lock:
             self.version += 1
             self.event_counts[event.kind] += 1
+            if event.kind in ("connected", "source_lost", "reconnect"):
+                self.source_open = event.kind == "connected"
             self.events.append({"kind": event.kind, "message": message, "at": iso(event.at)})
 
     def set_thumbnail(self, thumbnail: Thumbnail | None, status: str) -> None:

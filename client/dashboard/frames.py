@@ -39,7 +39,7 @@ DROPPED_RGBA = (0, 0, 0, 150)   # shade of a merge group the ViT did not see
 
 MAX_WANTED = 2               # sampled frames waiting to come out of a stream's decoder
 STATUS_OFF = "decoded only while a page is open"
-STATUS_NO_VIDEO = "no video from this stream since the page opened"
+STATUS_NO_VIDEO = "no video from this stream yet since the page opened"
 STATUS_WAITING = "waiting for the stream's next keyframe (this decoder started mid-GOP)"
 STATUS_DECODING = "decoding; the next sampled frame is drawn here"
 STATUS_BEHIND = "thumbnail decoder fell behind and restarts at the next keyframe"
