@@ -163,18 +163,6 @@ def test_video_track_chooses_another_stream(tmp_path):
         probe(str(path), video_track=5)
 
 
-def test_an_audio_only_file_lists_its_streams(tmp_path):
-    path = tmp_path / "tone.wav"
-    with av.open(str(path), "w") as out:
-        audio = out.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16",
-                                           layout="mono")
-        frame.sample_rate = 8000
-        out.mux(audio.encode(frame))
-    with pytest.raises(ValueError, match=r"no video stream found \(streams: #0 audio pcm_s16le"):
-        probe(str(path))
-
-
 def test_an_attached_picture_is_never_the_video(tmp_path):
     path = mux_timed(tmp_path / "cover.mkv", [i / 10 for i in range(10)], thumbnail=(32, 32))
     with av.open(str(path)) as container:
