@@ -111,6 +111,15 @@ def processor_prompt(tokenizer, frame_indices, tokens_per_frame, question):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def stock_positions(model, ids, pad, pairs):
+    """Stock get_rope_index's positions [3, L] of the token ids [L] (visual rows = pad) of a
+    dense video of `pairs` temporal patches, each GRID_H x GRID_W merge groups."""
+    positions, _ = model.model.get_rope_index(
+        ids[None], (ids[None] == pad).int() * 2,
+        video_grid_thw=torch.tensor([[pairs, 2 * GRID_H, 2 * GRID_W]]))
+    return positions[:, 0]
+
+
 def stock_logits(model, ids, pad, **kwargs):
     ids = ids[None]
     with torch.no_grad():
@@ -239,12 +248,9 @@ def test_dense_window_gives_the_stock_forwards_first_logits(checkpoint):
 
     assert ids.tolist() == processor_prompt(tokenizer, indices, GRID_H * GRID_W, QUESTION)
     pad = tokenizer.convert_tokens_to_ids(qwen3_vl.VIDEO_PAD)
-    grid = torch.tensor([[3, 2 * GRID_H, 2 * GRID_W]])
-    stock_positions, _ = model.model.get_rope_index(ids[None], (ids[None] == pad).int() * 2,
-                                                    video_grid_thw=grid)
-    assert torch.equal(ours_positions, stock_positions[:, 0])
+    assert torch.equal(ours_positions, stock_positions(model, ids, pad, 3))
     stock = stock_logits(model, ids, pad, pixel_values_videos=torch.from_numpy(patches),
-                         video_grid_thw=grid)
+                         video_grid_thw=torch.tensor([[3, 2 * GRID_H, 2 * GRID_W]]))
     diff = float((ours - stock).abs().max())
     print(f"\n{family.title} dense window first logits vs stock forward: max |diff| {diff:.2g}"
           f" (logits up to {float(stock.abs().max()):.2g})")
@@ -266,17 +272,15 @@ def test_pruned_window_equals_the_stock_forward_given_only_the_kept_tokens(check
     # The true positions: the dense sequence's (get_rope_index), the dropped rows left out.
     dense_ids = torch.tensor(processor_prompt(tokenizer, indices, GRID_H * GRID_W, QUESTION))
     pad = tokenizer.convert_tokens_to_ids(qwen3_vl.VIDEO_PAD)
-    dense_positions, _ = model.model.get_rope_index(
-        dense_ids[None], (dense_ids[None] == pad).int() * 2,
-        video_grid_thw=torch.tensor([[3, 2 * GRID_H, 2 * GRID_W]]))
+    dense_positions = stock_positions(model, dense_ids, pad, 3)
     kept_rows = torch.ones(len(dense_ids), dtype=torch.bool)
     kept_rows[dense_ids == pad] = torch.from_numpy(keep.ravel())
     assert torch.equal(ids, dense_ids[kept_rows])
-    assert torch.equal(ours_positions, dense_positions[:, 0, kept_rows])
+    assert torch.equal(ours_positions, dense_positions[:, kept_rows])
     stock = stock_logits(
         model, ids, pad, pixel_values_videos=torch.from_numpy(patches),
         video_grid_thw=torch.tensor([[1, 2, 2 * (len(patches) // 4)]]),
-        position_ids=dense_positions[:, :, kept_rows],
+        position_ids=dense_positions[:, None, kept_rows],
         **qwen3_vl.stock_tower_kwargs(positions[:, :3], positions[:, 3:], tower.side,
                                       prefix="video_"))
     diff = float((ours - stock).abs().max())
