@@ -218,14 +218,6 @@ class WindowCache(DynamicCache):
                 layer.keys = layer.keys[:, :, :rows].clone()
                 layer.values = layer.values[:, :, :rows].clone()
 
-    def shift_temporal(self, start: int, stop: int, delta: int, inv_freq: torch.Tensor,
-                       mrope_section: list[int]) -> None:
-        """Move the keys of rows [start, stop) by delta temporal positions, in every layer."""
-        for layer in self.layers:
-            if layer.get_seq_length():
-                layer.keys[:, :, start:stop] = rotate_temporal(
-                    layer.keys[:, :, start:stop], delta, inv_freq, mrope_section)
-
     def move_rows(self, rows: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor,
                   axes: torch.Tensor) -> None:
         """Re-encode the keys of cache rows (int64 [r]) at their position + delta (int64
@@ -269,10 +261,6 @@ class SyncStats:
     @property
     def computed(self) -> int:
         return self.new + self.refreshed
-
-
-def _count(frames: list[WindowFrame]) -> int:
-    return sum(len(f.tokens) for f in frames)
 
 
 class KVWindow:
@@ -427,7 +415,6 @@ class VisualLM:
             self.stop_ids.add(tokenizer.eos_token_id)
         rotary = self.text_model.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().clone()
-        self.mrope_section = list(getattr(rotary, "mrope_section", []) or [])
         self.rope_axes = self.family.rope_axes(self.text_model)
         # Configs without layer_types (Qwen3-VL's) are all full attention.
         self.layer_types = sorted(set(getattr(self.text_model.config, "layer_types", None)
