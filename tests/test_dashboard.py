@@ -438,9 +438,15 @@ def start_watcher(tmp_path, server, questions: dict[str, str]):
     config.write_text(f"server = {json.dumps(server.grpc_url)}\n[defaults]\n"
                       "replay_realtime = true\nfps = 2.0\nwindow_seconds = 4.0\n"
                       f"stride_seconds = 2.0\n{cameras}")
-    proc = subprocess.Popen([str(CLIENT), "watch", str(config), "--dashboard", "127.0.0.1:0",
-                             "--token-file", str(tmp_path / "secret")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return launch_with_page(["watch", str(config), "--dashboard", "127.0.0.1:0",
+                             "--token-file", str(tmp_path / "secret")])
+
+
+def launch_with_page(args: list[str]):
+    """codecsight-client ARGS (which include --dashboard); waits up to 60 s for the page URL
+    it prints on stderr. Returns (process, page URL, stderr lines so far, still growing)."""
+    proc = subprocess.Popen([str(CLIENT), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     found = threading.Event()
 
@@ -453,7 +459,7 @@ def start_watcher(tmp_path, server, questions: dict[str, str]):
     threading.Thread(target=read, daemon=True).start()
     if not found.wait(60):
         proc.kill()
-        pytest.fail("the watcher printed no page URL:\n" + "".join(lines[-20:]))
+        pytest.fail("the client printed no page URL:\n" + "".join(lines[-20:]))
     url = next(l for l in lines if "operator page at " in l).split("operator page at ")[1]
     return proc, url.strip(), lines
 
@@ -565,26 +571,12 @@ def test_a_live_rtsp_camera_gets_a_frame_whose_overlay_matches_its_kept_mask(ser
 
     sid = new_id("rtsp-cam")
     with RtspServer({"/cam": CLIP}) as rtsp:
-        proc = subprocess.Popen(
-            [str(CLIENT), rtsp.url("/cam"), "--live", "--url", server.grpc_url,
+        proc, url, lines = launch_with_page(
+            [rtsp.url("/cam"), "--live", "--url", server.grpc_url,
              "--stream-id", sid, "--fps", "2", "--window-seconds", "4",
              "--stride-seconds", "2", "--dashboard", "127.0.0.1:0",
-             "--token-file", str(tmp_path / "secret")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        found = threading.Event()
-
-        def read():
-            for line in proc.stderr:
-                lines.append(line)
-                if "operator page at " in line:
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
+             "--token-file", str(tmp_path / "secret")])
         try:
-            assert found.wait(60), "no page URL:\n" + "".join(lines[-20:])
-            url = next(l for l in lines if "operator page at " in l).split(
-                "operator page at ")[1].strip()
             page = urllib.request.urlopen(url + "events", timeout=30)   # the page is open
             # Keyframes every 4.8 s, a 2 s stride, answers in ~1-10 s on a loaded 2-core
             # machine: two drawn frames within 60 s, or the card must say why not.
