@@ -136,6 +136,16 @@ class Pending:
     #                                 "resolution_change", or None
     merged: int = 0                 # windows merged into this request (dropped)
 
+    @property
+    def start_s(self) -> float:
+        """Its chunk's start in the output's stream time (offset_s added), seconds."""
+        return self.chunk.start_s + self.offset_s
+
+    @property
+    def end_s(self) -> float:
+        """Its chunk's end in the output's stream time (offset_s added), seconds."""
+        return self.chunk.end_s + self.offset_s
+
 
 class ChunkQueue:
     """A camera's chunks not yet sent: at most depth of them.
@@ -420,13 +430,12 @@ class CameraWatcher:
                     self._restarting = True
                     self.event("keyframe_restart", "the stream starts again (START, replacing "
                                "the server's state for it) from the keyframe at stream time "
-                               f"{item.chunk.start_s + item.offset_s:.3f} s")
+                               f"{item.start_s:.3f} s")
             if item.merged:
                 self.dropped_windows += item.merged
                 self.event("drop", f"the server is slower than the camera: {item.merged} "
                            f"window(s) not answered, their video sent with the next request "
-                           f"(stream time {item.chunk.start_s + item.offset_s:.3f}-"
-                           f"{item.chunk.end_s + item.offset_s:.3f} s; "
+                           f"(stream time {item.start_s:.3f}-{item.end_s:.3f} s; "
                            f"{self.dropped_windows} dropped so far)")
             if self.observer.wants_chunks:
                 self.observer.on_chunk(self.camera.stream_id, item.chunk)
@@ -438,15 +447,13 @@ class CameraWatcher:
                 continue
             except InferenceServerException as e:
                 self.event("server_error", f"request for stream time "
-                           f"{item.chunk.start_s + item.offset_s:.3f}-"
-                           f"{item.chunk.end_s + item.offset_s:.3f} s failed: "
+                           f"{item.start_s:.3f}-{item.end_s:.3f} s failed: "
                            f"{e.status()}: {e.message()}; going on with the next chunk")
                 continue
             self.windows += 1
             self.observer.on_window(WindowRecord(
                 stream_id=self.camera.stream_id, question=self.camera.question,
-                window_start_s=item.chunk.start_s + item.offset_s,
-                window_end_s=item.chunk.end_s + item.offset_s,
+                window_start_s=item.start_s, window_end_s=item.end_s,
                 captured_at=item.captured_at, answered_at=utc_now(), answer=window.answer,
                 request_ms=window.latency_s * 1000.0, bytes_sent=window.bytes_sent,
                 dropped_windows=self.dropped_windows, reconnects=self.reconnects,
