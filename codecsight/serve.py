@@ -83,6 +83,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def dial_host(bind_host: str) -> str:
+    """The address a local client dials for a listener bound to bind_host: loopback for the
+    wildcard ("0.0.0.0" or ""), which is not an address one can connect to."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+
+
 def has_gpu() -> bool:
     """True when an NVIDIA GPU is visible (then the TensorRT vit_pruned config is used)."""
     if not Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is None:
@@ -168,8 +174,7 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"{host}:{self.grpc_port}"
+        return f"{dial_host(self.host)}:{self.grpc_port}"
 
     def command(self) -> list[str]:
         on_path = shutil.which("tritonserver")

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from codecsight.serve import (REPO_ROOT, ServerError, TritonServer, child_preexec, free_port,
-                              prepared_repository)
+from codecsight.serve import (REPO_ROOT, ServerError, TritonServer, child_preexec, dial_host,
+                              free_port, prepared_repository)
 
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf.j2"
 KUBERNETES_DIR = REPO_ROOT / "deploy" / "kubernetes"
@@ -187,7 +187,7 @@ class Nginx:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=child_preexec())
         log.close()
-        host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
+        host = dial_host(self.listen_host)
         deadline = time.monotonic() + timeout_s
         while not _port_open(host, self.listen_port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -251,8 +251,7 @@ class Cluster:
     @property
     def grpc_url(self) -> str:
         """The proxy's gRPC address: what clients connect to."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"{host}:{self.grpc_port}"
+        return f"{dial_host(self.host)}:{self.grpc_port}"
 
     def nginx_conf(self) -> str:
         return render_nginx_conf([s.grpc_url for s in self.servers],
