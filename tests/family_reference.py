@@ -10,6 +10,7 @@ towers compute, written from transformers' own code (not from codecsight's).
   frame (windows of window_size // merge // patch merged cells from the top-left corner).
 - rope_index_previous_max: the pre-5 get_rope_index (transformers 4.x, as Qwen trained):
   text after a vision block continues at the previous maximum position + 1.
+- stock_first_logits: the stock model's own forward over a whole prompt, its last logits.
 """
 from __future__ import annotations
 
@@ -83,3 +84,13 @@ def rope_index_previous_max(prefix_len: int, temporal_ids, grid_hw: tuple[int, i
     st = int(video.max()) + 1
     parts.append(torch.arange(text_len).expand(3, -1) + st)
     return torch.cat(parts, dim=1)
+
+
+def stock_first_logits(model, ids, pad: int, **kwargs) -> torch.Tensor:
+    """The stock forward's logits [vocab] at the last position of the token ids [L] (tensor or
+    list; the video rows are `pad`, marked as video in mm_token_type_ids); kwargs: the video
+    inputs (pixel_values_videos, video_grid_thw, position_ids, ...)."""
+    ids = torch.as_tensor(ids)[None]
+    with torch.no_grad():
+        return model(input_ids=ids, mm_token_type_ids=(ids == pad).int() * 2,
+                     **kwargs).logits[0, -1]

@@ -39,7 +39,7 @@ from codecsight.serve import TritonServer, prepared_repository
 from codecsight_client.demux import iter_chunks
 from codecsight_client.stream import StreamSettings, connect, run_stream
 
-from family_reference import stock_tower_kwargs
+from family_reference import stock_first_logits, stock_tower_kwargs
 from streams import CLIP, new_id
 
 pytestmark = pytest.mark.server
@@ -150,13 +150,6 @@ def video_kwargs(family, grid_t, meta):
     if family.name == "qwen2_5_vl":
         kwargs["second_per_grid_ts"] = torch.tensor([family.seconds_per_t(ANALYSIS_FPS)])
     return kwargs
-
-
-def stock_first_logits(model, ids, pad, **kwargs):
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        return model(input_ids=ids, mm_token_type_ids=(ids == pad).int() * 2,
-                     **kwargs).logits[0, -1]
 
 
 def test_dense_full_equals_the_stock_forward(served):

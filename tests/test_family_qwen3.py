@@ -21,6 +21,8 @@ from codecsight.families.base import TEXT_POSITION_RULES
 from codecsight.llm import REFRESH_FULL, REFRESH_SELECTIVE, KVWindow, VisualLM, WindowFrame
 from codecsight.vision import patchify
 
+from family_reference import stock_first_logits
+
 MODEL_TYPES = qwen3_vl.MODEL_TYPES
 GRID_H, GRID_W = 3, 4            # merge groups per frame: a 96x128 frame (32-pixel groups)
 SOURCE_FPS, ANALYSIS_FPS = 25.0, 5.0
@@ -118,13 +120,6 @@ def stock_positions(model, ids, pad, pairs):
         ids[None], (ids[None] == pad).int() * 2,
         video_grid_thw=torch.tensor([[pairs, 2 * GRID_H, 2 * GRID_W]]))
     return positions[:, 0]
-
-
-def stock_logits(model, ids, pad, **kwargs):
-    ids = ids[None]
-    with torch.no_grad():
-        return model(input_ids=ids, mm_token_type_ids=(ids == pad).int() * 2,
-                     **kwargs).logits[0, -1]
 
 
 # --- checkpoint and geometry ---------------------------------------------------------------------
@@ -249,8 +244,8 @@ def test_dense_window_gives_the_stock_forwards_first_logits(checkpoint):
     assert ids.tolist() == processor_prompt(tokenizer, indices, GRID_H * GRID_W, QUESTION)
     pad = tokenizer.convert_tokens_to_ids(qwen3_vl.VIDEO_PAD)
     assert torch.equal(ours_positions, stock_positions(model, ids, pad, 3))
-    stock = stock_logits(model, ids, pad, pixel_values_videos=torch.from_numpy(patches),
-                         video_grid_thw=torch.tensor([[3, 2 * GRID_H, 2 * GRID_W]]))
+    stock = stock_first_logits(model, ids, pad, pixel_values_videos=torch.from_numpy(patches),
+                               video_grid_thw=torch.tensor([[3, 2 * GRID_H, 2 * GRID_W]]))
     diff = float((ours - stock).abs().max())
     print(f"\n{family.title} dense window first logits vs stock forward: max |diff| {diff:.2g}"
           f" (logits up to {float(stock.abs().max()):.2g})")
@@ -277,7 +272,7 @@ def test_pruned_window_equals_the_stock_forward_given_only_the_kept_tokens(check
     kept_rows[dense_ids == pad] = torch.from_numpy(keep.ravel())
     assert torch.equal(ids, dense_ids[kept_rows])
     assert torch.equal(ours_positions, dense_positions[:, kept_rows])
-    stock = stock_logits(
+    stock = stock_first_logits(
         model, ids, pad, pixel_values_videos=torch.from_numpy(patches),
         video_grid_thw=torch.tensor([[1, 2, 2 * (len(patches) // 4)]]),
         position_ids=dense_positions[:, None, kept_rows],
