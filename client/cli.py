@@ -16,8 +16,8 @@ import threading
 import numpy as np
 
 from codecsight_client import settings as defaults
-from codecsight_client.stream import (StreamRefused, StreamSettings, connect, run_stream,
-                                      stream_token)
+from codecsight_client.stream import (StreamRefused, StreamSettings, check_stream_id, connect,
+                                      run_stream, stream_token)
 from codecsight import protocol as P
 from codecsight_client.demux import is_live, iter_chunks, probe
 from codecsight_client.observe import redact_text
@@ -67,10 +67,8 @@ def stream_all(client, source: str, args, out=None) -> list:
     """
     out = out or sys.stdout
     ids = stream_ids(args.stream_id, args.streams)
-    bad = [sid for sid in ids if not P.STREAM_ID_PATTERN.match(sid)]
-    if bad:
-        raise ValueError(f"invalid stream ID {bad[0]!r}: use 1-128 letters, digits or ._:- "
-                         "starting with a letter or digit")
+    for sid in ids:
+        check_stream_id(sid)
     info = probe(source, getattr(args, "video_track", None))
     settings = StreamSettings(
         question=args.question, codec=info.codec, source_fps=info.fps, analysis_fps=args.fps,
@@ -291,10 +289,11 @@ def _watch_one(args) -> int:
     from codecsight_client.live import Camera
 
     ids = stream_ids(args.stream_id, args.streams)
-    bad = [sid for sid in ids if not P.STREAM_ID_PATTERN.match(sid)]
-    if bad:
-        print(f"codecsight-client: invalid stream ID {bad[0]!r}: use 1-128 letters, digits "
-              "or ._:- starting with a letter or digit", file=sys.stderr)
+    try:
+        for sid in ids:
+            check_stream_id(sid)
+    except ValueError as e:
+        print(f"codecsight-client: {e}", file=sys.stderr)
         return 2
     # A file given --live behaves like a camera: paced at its own frame rate.
     realtime = args.replay_realtime or args.live

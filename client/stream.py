@@ -114,6 +114,14 @@ def stream_token(stream_id: str, token_file: str | Path | None = None) -> str:
     return hmac.new(client_secret(token_file), stream_id.encode(), hashlib.sha256).hexdigest()
 
 
+def check_stream_id(stream_id: str) -> None:
+    """Raises ValueError naming stream_id unless it is a valid stream ID (the server's rule,
+    protocol.STREAM_ID_PATTERN), so a bad one is refused before anything is read or sent."""
+    if not P.STREAM_ID_PATTERN.match(stream_id):
+        raise ValueError(f"invalid stream ID {stream_id!r}: use 1-128 letters, digits or "
+                         "._:- starting with a letter or digit")
+
+
 def _stderr_notice(message: str) -> None:
     print(f"codecsight-client: {message}", file=sys.stderr, flush=True)
 
@@ -201,9 +209,7 @@ class StreamClient:
 
     def __init__(self, client, stream_id: str, settings: StreamSettings, timeout_s: float = 600,
                  reconnect_s: float = 60.0, notice=_stderr_notice, token: str | None = None):
-        if not P.STREAM_ID_PATTERN.match(stream_id):
-            raise ValueError(f"invalid stream ID {stream_id!r}: use 1-128 letters, digits or "
-                             "._:- starting with a letter or digit")
+        check_stream_id(stream_id)
         self.client, self.stream_id, self.settings = client, stream_id, settings
         self.timeout_s = timeout_s
         self.reconnect_s = reconnect_s
