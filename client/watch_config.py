@@ -159,12 +159,15 @@ def load(path: str | Path) -> tuple[WatchConfig, list[Camera]]:
     cameras = []
     for number, c in enumerate(config.cameras, 1):
         source = c.url
-        if not is_live(source) and not Path(source).expanduser().is_absolute():
-            source = str(path.parent / Path(source).expanduser())
-        if not is_live(source) and not Path(source).expanduser().is_file():
-            # A camera may come back later; a file that is not there now will not.
-            raise ConfigError(f"{path}: camera {number} ({c.stream_id}), key 'url': no such "
-                              f"file {Path(source).expanduser().resolve()}")
+        if not is_live(source):
+            # A file: ~ expanded, relative to the config's folder; what the camera opens.
+            file = Path(source).expanduser()
+            file = file if file.is_absolute() else path.parent / file
+            source = str(file)
+            if not file.is_file():
+                # A camera may come back later; a file that is not there now will not.
+                raise ConfigError(f"{path}: camera {number} ({c.stream_id}), key 'url': no "
+                                  f"such file {file.resolve()}")
         cameras.append(Camera(
             stream_id=c.stream_id, source=source, question=c.question, policy=c.policy,
             refresh=c.refresh, analysis_fps=c.fps, window_seconds=c.window_seconds,

@@ -141,3 +141,13 @@ def test_watch_with_an_invalid_config_exits_2_naming_the_problem(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert "invalid config" in run.stderr and "camera 1 (a), key 'fps'" in run.stderr
+
+
+def test_a_file_under_the_home_directory_is_opened_expanded(tmp_path, monkeypatch):
+    """`~/clip.mp4` must reach the camera as the real path: PyAV does not expand ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clip.mp4").write_bytes(b"not checked here")
+    config = tmp_path / "cams.toml"
+    config.write_text('[[cameras]]\nstream_id = "a"\nurl = "~/clip.mp4"\n')
+    _, cameras = load(config)
+    assert cameras[0].source == str(tmp_path / "clip.mp4")
