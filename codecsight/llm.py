@@ -40,10 +40,9 @@ import time
 import numpy as np
 import torch
 from transformers import DynamicCache
-# RoPE's pairing (dimension i turns with i + d/2), the model's own function.
-from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
 from codecsight.families import CheckpointSettings, Family, family_for
+from codecsight.families.base import rope_axes_from_sections
 from codecsight.families.qwen2_vl import PROMPT_PREFIX, PROMPT_SUFFIX  # noqa: F401 (API)
 from codecsight.protocol import FRAME_TYPE_NAMES, META, LlmStats
 
@@ -163,12 +162,9 @@ def rotate_temporal(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor,
     a then b is a rotation by a + b, so turning those dims by delta * inv_freq moves the key
     from t to t + delta exactly (up to float rounding), whatever the rest of the position.
     """
-    angle = torch.zeros_like(inv_freq, dtype=torch.float32)
-    n_t = mrope_section[0]
-    angle[:n_t] = delta * inv_freq[:n_t].float()
-    angle = torch.cat((angle, angle))
-    k = keys.float()
-    return (k * angle.cos() + rotate_half(k) * angle.sin()).to(keys.dtype)
+    # Family.rotate_keys with one position change (delta, 0, 0) for every row.
+    return Family.rotate_keys(keys, torch.tensor([[delta, 0, 0]]), inv_freq,
+                              rope_axes_from_sections(mrope_section))
 
 
 class WindowCache(DynamicCache):
