@@ -108,7 +108,7 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
         reported = window.llm.window_frame_range
         expected = [int(served.frame_indices[0]), int(served.frame_indices[-1])] \
             if len(served.frame_indices) else None
-        records.append({
+        record = {
             "clip": clip.seed, "window": window.index, "task": qa.task, "policy": policy,
             "refresh": refresh, "question": qa.question, "truth": qa.answer,
             "answer": window.answer, "correct": window.answer == qa.answer,
@@ -122,7 +122,10 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
             "window_frames": window.llm.window_frames,
             "window_matches_labels": reported == expected
             and window.llm.window_frames == len(served.frame_indices),
-        })
+        }
+        if window.llm.first_logits is not None:     # served with report_first_logits on
+            record["first_logits"] = [round(float(x), 4) for x in window.llm.first_logits]
+        records.append(record)
     return records
 
 
@@ -254,6 +257,96 @@ def paired_drop(reference: list[dict], records: list[dict],
                      "drop": round(100 * point, 2),
                      "interval": (100 * np.nanpercentile(spread, [2.5, 97.5])).round(2).tolist()}
     return out
+
+
+def first_token_kl(p_logits, q_logits) -> float:
+    """KL(softmax p || softmax q) in nats, float64, of two [vocab] logit vectors."""
+    p = np.asarray(p_logits, np.float64)
+    q = np.asarray(q_logits, np.float64)
+    log_p = p - p.max() - np.log(np.exp(p - p.max()).sum())
+    log_q = q - q.max() - np.log(np.exp(q - q.max()).sum())
+    return float((np.exp(log_p) * (log_p - log_q)).sum())
+
+
+def against_reference(reference: list[dict], records: list[dict],
+                      reference_refresh: str = "full") -> list[dict]:
+    """Each (policy, refresh) of records against the reference run's (policy, full) answers.
+
+    reference: the records of another eval run on the same clips, windows and questions
+    (e.g. `--refresh full`), records: this run's (e.g. `--refresh selective` served with some
+    anchor_refresh_frames). Per combination: `paired_drop` per task (points, positive =
+    records worse, paired 95% interval over whole clips), tokens prefilled per window on both
+    sides and their share (all windows, and the windows where this side reused KV rows, i.e.
+    the window had slid), the share of requests with the same answer, and, when both runs
+    carry first_logits (`--first-logits`), the KL(reference || this) of the first answer
+    token in nats, mean and max over the slid windows.
+    Raises ValueError when a combination's requests are not all in the reference.
+    """
+    def key(r):
+        return r["clip"], r["window"], r["task"]
+
+    out = []
+    for policy, refresh in dict.fromkeys((r["policy"], r["refresh"]) for r in records):
+        mine = [r for r in records if (r["policy"], r["refresh"]) == (policy, refresh)]
+        by_key = {key(r): r for r in reference
+                  if (r["policy"], r["refresh"]) == (policy, reference_refresh)}
+        missing = [key(r) for r in mine if key(r) not in by_key]
+        if missing:
+            raise ValueError(f"{policy}/{refresh}: {len(missing)} requests (e.g. clip, window, "
+                             f"task {missing[0]}) have no {policy}/{reference_refresh} answer "
+                             "in the reference run; run both on the same clips and stride")
+        theirs = [by_key[key(r)] for r in mine]
+        slid = [(a, b) for a, b in zip(theirs, mine) if b["tokens_reused"] > 0]
+        row = {"policy": policy, "refresh": refresh, "reference_refresh": reference_refresh,
+               "requests": len(mine), "slid": len(slid),
+               "tasks": paired_drop(theirs, mine),
+               "tokens_reference": round(float(np.mean([r["tokens_prefilled"]
+                                                        for r in theirs])), 1),
+               "tokens": round(float(np.mean([r["tokens_prefilled"] for r in mine])), 1),
+               "same_answer": round(float(np.mean([a["answer"] == b["answer"]
+                                                   for a, b in zip(theirs, mine)])), 4)}
+        row["token_share"] = round(row["tokens"] / max(1e-9, row["tokens_reference"]), 4)
+        if slid:
+            ref_slid = float(np.mean([a["tokens_prefilled"] for a, _ in slid]))
+            row["tokens_reference_slid"] = round(ref_slid, 1)
+            row["tokens_slid"] = round(float(np.mean([b["tokens_prefilled"]
+                                                      for _, b in slid])), 1)
+            row["token_share_slid"] = round(row["tokens_slid"] / max(1e-9, ref_slid), 4)
+            if all("first_logits" in a and "first_logits" in b for a, b in slid):
+                kl = [first_token_kl(a["first_logits"], b["first_logits"]) for a, b in slid]
+                row["kl_mean"] = round(float(np.mean(kl)), 5)
+                row["kl_max"] = round(float(np.max(kl)), 5)
+        out.append(row)
+    return out
+
+
+def against_markdown(rows: list[dict], meta: dict) -> str:
+    """The table of `against_reference`: F1 (drop [95%]) per task, tokens, KL, agreement."""
+    tasks = list(synth.TASKS)
+    anchors = meta.get("server_overrides", {}).get("llm_prefill", {}).get(
+        "anchor_refresh_frames", "config.pbtxt's")
+    lines = ["", f"Against the reference run's full refresh on the same requests (anchor_refresh_"
+             f"frames {anchors}): F1 (drop in points, positive = worse [95% interval, whole "
+             "clips resampled]); tokens prefilled per window, all windows and the windows "
+             "that slid; KL(full || this) of the first answer token over the slid windows.",
+             "", "| policy | refresh | " + " | ".join(f"{t} F1 (drop)" for t in tasks)
+             + " | tokens full / this (share) | slid: full / this (share) | KL mean (max) "
+             "| same answer |", "|" + "---|" * (len(tasks) + 6)]
+    for r in rows:
+        cells = [r["policy"], r["refresh"]]
+        for t in tasks:
+            d = r["tasks"].get(t)
+            cells.append("-" if d is None or d["f1"] is None else
+                         f"{d['f1']:.2f} ({d['drop']:+.1f} [{d['interval'][0]:+.1f}, "
+                         f"{d['interval'][1]:+.1f}])")
+        cells.append(f"{r['tokens_reference']:.0f} / {r['tokens']:.0f} ({r['token_share']:.2f})")
+        cells.append("-" if "token_share_slid" not in r else
+                     f"{r['tokens_reference_slid']:.0f} / {r['tokens_slid']:.0f} "
+                     f"({r['token_share_slid']:.2f})")
+        cells.append("-" if "kl_mean" not in r else f"{r['kl_mean']:.3f} ({r['kl_max']:.2f})")
+        cells.append(f"{100 * r['same_answer']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(records: list[dict], combos) -> list[dict]:
@@ -488,6 +581,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-refresh-frames", type=int, default=None,
                         help="serve with this llm_prefill anchor_refresh_frames instead of "
                         "its config.pbtxt's (the eval renders a repository of its own)")
+    parser.add_argument("--first-logits", action="store_true",
+                        help="serve with llm_prefill's report_first_logits on and keep each "
+                        "answer's first-token logits in eval.json (for --against's KL)")
+    parser.add_argument("--against", type=Path, metavar="EVAL_JSON",
+                        help="an earlier run's eval.json on the same clips and stride (e.g. "
+                        "--refresh full): compare every policy here with its full refresh "
+                        "there, request by request (F1 drop, tokens, KL, same answer)")
 
 
 def served_with(model_dir: Path, dest: Path, parameters: dict[str, dict[str, str]]) -> Path:
@@ -516,16 +616,20 @@ def served_with(model_dir: Path, dest: Path, parameters: dict[str, dict[str, str
     return serve.build(model_dir, dest, progress=say)
 
 
-def _server(model_dir: Path, dest: Path, log: Path | None, anchor_refresh_frames: int | None):
-    """A started server on model_dir (a repository of its own, rendered into dest)."""
+def _server(model_dir: Path, dest: Path, log: Path | None, overrides: dict):
+    """A started server on model_dir (a repository of its own, rendered into dest).
+
+    overrides: {model: {parameter: value}} replacing config.pbtxt values (`served_with`).
+    """
     from codecsight.serve import TritonServer, start_server
 
-    if anchor_refresh_frames is None:
+    if not overrides:
         return start_server(model_dir, log_path=log, progress=say, repository_dest=dest)
-    server = TritonServer(served_with(model_dir, dest, {"llm_prefill": {
-        "anchor_refresh_frames": str(anchor_refresh_frames)}}), log_path=log)
-    say(f"starting tritonserver on {server.repository} with anchor_refresh_frames "
-        f"{anchor_refresh_frames}")
+    server = TritonServer(served_with(model_dir, dest, {
+        model: {k: str(v).lower() for k, v in values.items()}
+        for model, values in overrides.items()}), log_path=log)
+    say(f"starting tritonserver on {server.repository} with " + ", ".join(
+        f"{model} {k} = {v}" for model, values in overrides.items() for k, v in values.items()))
     try:
         server.start(300.0, progress=say)
     except BaseException:
@@ -556,9 +660,19 @@ def run(args) -> int:
                   window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
                   policies=_split(args.policies), refreshes=_split(args.refresh),
                   progress=progress)
+    overrides = {}
     if args.anchor_refresh_frames is not None:
-        kwargs["server_overrides"] = {"llm_prefill": {
-            "anchor_refresh_frames": args.anchor_refresh_frames}}
+        overrides["anchor_refresh_frames"] = args.anchor_refresh_frames
+    if args.first_logits:
+        overrides["report_first_logits"] = True
+    if overrides:
+        kwargs["server_overrides"] = {"llm_prefill": overrides}
+    reference = None
+    if args.against:
+        if not args.against.is_file():
+            say(f"--against {args.against}: no such eval.json")
+            return 1
+        reference = json.loads(args.against.read_text())["records"]
     if args.url:
         result = evaluate(connect(args.url), Path(args.out), **kwargs)
     else:
@@ -566,11 +680,19 @@ def run(args) -> int:
         # so the eval never rewrites one that `codecsight serve` may be serving.
         with tempfile.TemporaryDirectory(prefix="codecsight-eval-repo-") as tmp, \
                 _server(model_dir, Path(tmp) / "repository", args.log,
-                        args.anchor_refresh_frames) as server:
+                        kwargs.get("server_overrides", {})) as server:
             device = "GPU" if not server.config_name else "CPU (ONNX Runtime ViT)"
             result = evaluate(connect(server.grpc_url), Path(args.out), device=device,
                               **kwargs)
     print(markdown(result["policies"], result["meta"]))
+    if reference is not None:
+        result["against"] = against_reference(reference, result["records"])
+        result["meta"]["against"] = str(args.against)
+        (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=1))
+        table = against_markdown(result["against"], result["meta"])
+        with open(Path(args.out) / "eval.md", "a") as md:
+            md.write(table)
+        print(table)
     say(f"wrote {args.out}/eval.json, eval.md, eval.png "
         f"({result['meta']['wall_seconds']:.0f} s)")
     mismatched = sum(r["windows_mismatched"] for r in result["policies"])
