@@ -50,6 +50,8 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
         "default_refresh": REFRESH_POLICIES,
         "anchor_refresh_frames": int,
         "report_first_logits": bool,     # LLM_STATS carries them (exactness tests)
+        "video_pruning_rate": float,     # vllm_evs: share of video tokens dropped after the ViT
+        "device": ("cpu", "cuda"),       # where the LLM, its KV caches and masks live
     },
     "vit_pruned": {                      # configs/cpu.pbtxt: ONNX Runtime in the Python backend
         "model_dir": str,                # the checkpoint: its family (and a torch tower's weights)
@@ -65,6 +67,8 @@ TENSORRT_PARAMETERS: dict[str, dict[str, Kind]] = {"vit_pruned": {"max_patches":
 # (StreamStates the TTL and byte cap, PruningConfig the pruning settings).
 MINIMUM = {"max_streams": 1, "max_chunk_bytes": 1, "max_new_tokens": 1, "max_question_tokens": 1,
            "anchor_refresh_frames": 0, "max_patches": 1, "max_pixels": 784, "intra_op_threads": 0}
+# Half-open ranges [low, high) checked on reading (vLLM's range for its video_pruning_rate).
+RANGE = {"video_pruning_rate": (0.0, 1.0)}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -118,6 +122,8 @@ def _typed(model: str, key: str, text: str, kind: Kind):
         raise bad(f"a {kind.__name__}") from None
     if key in MINIMUM and value < MINIMUM[key]:
         raise bad(f">= {MINIMUM[key]}")
+    if key in RANGE and not RANGE[key][0] <= value < RANGE[key][1]:
+        raise bad(f"in [{RANGE[key][0]}, {RANGE[key][1]})")
     return value
 
 

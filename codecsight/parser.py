@@ -37,8 +37,8 @@ import numpy as np
 from codecsight.checkpoint import Geometry
 from codecsight.codec import PTS_UNITS, FrameSampler, PictureTooLarge, StreamDecoder
 from codecsight.policy import POLICIES, PruningConfig, StreamMasks
-from codecsight.protocol import (FRAME_META_COLUMNS, FRAME_TYPES, META, InvalidRequest,
-                                 ParseStats, pack_kept_mask)
+from codecsight.protocol import (FRAME_META_COLUMNS, FRAME_TYPES, META, TOKEN_PRUNING,
+                                 InvalidRequest, ParseStats, pack_kept_mask)
 from codecsight.vision import patchify
 
 # Codecs whose motion vectors FFmpeg exports; other streams cannot use the codec policy.
@@ -66,6 +66,7 @@ class _Sampled:
     pict_type: str
     keep: np.ndarray          # bool [grid_h, grid_w] the policy kept
     selection: object         # policy.Selection (its frame and previous frame convert to RGB)
+    token_pruning: int = 0    # FRAME_META token_pruning code (protocol.TOKEN_PRUNING)
 
 
 def _emit_overlapping(s: _Sampled, rows, pixels, previous, keeps) -> None:
@@ -73,7 +74,7 @@ def _emit_overlapping(s: _Sampled, rows, pixels, previous, keeps) -> None:
     sampled frame, this frame); t = the slot."""
     grid_h, grid_w = s.keep.shape
     rows.append([s.slot, s.index, round(1000 * s.time_s), FRAME_TYPES.get(s.pict_type, 0),
-                 grid_h, grid_w, int(s.keep.sum())])
+                 grid_h, grid_w, int(s.keep.sum()), s.token_pruning])
     if s.keep.any():
         # Both converted at most once (policy.SampledFrame): the previous frame only now, if
         # its own selection kept nothing.
@@ -102,7 +103,9 @@ def _emit_pair(first: _Sampled, second: _Sampled | None, rows, pixels, previous,
     kind = "I" if "I" in (first.pict_type, last.pict_type) else last.pict_type
     grid_h, grid_w = keep.shape
     rows.append([first.slot // 2, first.index, round(1000 * sum(times) / len(times)),
-                 FRAME_TYPES.get(kind, 0), grid_h, grid_w, int(keep.sum())])
+                 FRAME_TYPES.get(kind, 0), grid_h, grid_w, int(keep.sum()),
+                 # a pair is whole (vllm_evs_whole) if either frame is
+                 max(first.token_pruning, last.token_pruning)])
     if keep.any():
         rgb = last.selection.frame.rgb()
         pixels.append(rgb)
@@ -118,6 +121,14 @@ def _kept_mask(row: list, first: _Sampled, second: _Sampled | None,
     keep = first.keep | second.keep if second is not None else first.keep
     return pack_kept_mask(keep, t=row[META["t"]], time_s=(second or first).time_s,
                           group_px=geometry.group_pixels)
+
+
+def _token_pruning(policy: str, whole_frame: str | None) -> int:
+    """FRAME_META token_pruning of a sampled frame: vllm_evs frames are pruned after the ViT
+    unless kept whole (protocol.TOKEN_PRUNING)."""
+    if policy != "vllm_evs":
+        return TOKEN_PRUNING.index("none")
+    return TOKEN_PRUNING.index("vllm_evs_whole" if whole_frame else "vllm_evs")
 
 
 class StreamParser:
@@ -236,7 +247,7 @@ class StreamParser:
 
     def duplicate(self, chunk_bytes: int) -> ParseResult:
         """The answer to an exact re-send of the chunk processed last: no frame, no patch
-        (patches float32 [0, patch_dim], positions int64 [0, 3], frame_meta int64 [0, 7]),
+        (patches float32 [0, patch_dim], positions int64 [0, 3], frame_meta int64 [0, 8]),
         stats with duplicate_chunk set, so llm_prefill answers its unchanged window."""
         policy, _ = self.resolve_policy(None)
         stats = ParseStats.empty(policy=policy, policy_requested=self.policy, codec=self.codec,
@@ -298,7 +309,8 @@ class StreamParser:
             candidates += selection.candidates
             all_keeps.append(keep)
             why.append(selection.whole_frame)
-            this = _Sampled(slot, f.index, time_s, f.pict_type, keep, selection)
+            this = _Sampled(slot, f.index, time_s, f.pict_type, keep, selection,
+                            _token_pruning(applied, selection.whole_frame))
             if self.geometry.frame_layout == "pairs":
                 for first, second in self._pairs(this):
                     _emit_pair(first, second, rows, pixels, previous, keeps)

@@ -17,9 +17,13 @@ Policies, chosen per request (protocol.PATCH_POLICIES), plus a reference for ben
           they, are then confirmed by their luma against the version the ViT saw last or
           the previous sampled frame (mean |dY| > pixel_threshold, or an edge of pixels with
           |dY| > pixel_peak_threshold), so pixel work stays bounded by what the codec flags.
-  evs     online Efficient Video Sampling (vLLM's video_pruning_rate): drop the share
-          evs_pruning_rate of groups most similar (cosine of normalised pixels) to the same
-          group of the previous sampled frame. Converts every sampled frame to pixels.
+  evs     online Efficient Video Sampling on pixels, before the ViT (the EVS paper's way, not
+          vLLM's): drop the share evs_pruning_rate of groups most similar (cosine of
+          normalised pixels) to the same group of the previous sampled frame. Converts every
+          sampled frame to pixels.
+  vllm_evs  EVS as vLLM runs it (its video_pruning_rate): every group goes to the ViT, and
+          llm_prefill drops the tokens most similar to the previous frame's tokens
+          (codecsight.token_pruning); here it keeps every group and marks whole frames.
   oracle  (benchmarks only) groups whose mean |dY| against the previous sampled frame exceeds
           pixel_threshold: what a perfect change signal would keep; decodes every pixel.
 
@@ -29,7 +33,8 @@ runs at most as long as the stream's LLM window: `PruningConfig.for_window`), so
 window holds one complete view of the scene; codec also at scene cuts (a P/B-frame
 that is mostly intra, or an I-frame whose macroblocks changed wholesale against the frame
 before) and after frames decoded with errors. evs and the oracle, pixel methods, keep whole
-frames only at the start and on the timer. (An I-frame is a coding decision, not a reason.)
+frames only at the start and on the timer, and so does vllm_evs, whose whole frames
+llm_prefill keeps unpruned. (An I-frame is a coding decision, not a reason.)
 
 `StreamMasks` keeps this state per stream and is advanced on every decoded frame whatever
 the request's policy, so a stream may switch policy from one request to the next.
@@ -235,7 +240,9 @@ def oracle_keep(previous_luma: np.ndarray, luma: np.ndarray, group: int, valid: 
 
 def evs_keep(previous_rgb: np.ndarray, rgb: np.ndarray, geometry: Geometry,
              pruning_rate: float) -> np.ndarray:
-    """vLLM's EVS on one pair of sampled frames: keep the least similar groups, bool [gh, gw].
+    """EVS on pixels, before the ViT (the `evs` policy; vLLM's own EVS is `vllm_evs`, after
+    the ViT: codecsight.token_pruning), on one pair of sampled frames: keep the least similar
+    groups, bool [gh, gw].
 
     previous_rgb, rgb: uint8 [Hp, Wp, 3] padded to whole groups. Dissimilarity is 1 - cosine
     similarity of a group's normalised pixels (the ViT's input) with the same group of the
@@ -519,12 +526,18 @@ class StreamMasks:
         elif policy == "evs":
             keep = evs_keep(previous.rgb(), sampled.rgb(), self.geometry,
                             config.evs_pruning_rate)
+        elif policy == "vllm_evs":   # pruned after the ViT, in llm_prefill
+            keep = np.ones(grid, bool)
         else:  # oracle
             keep = oracle_keep(self.previous_luma, luma, group, self._valid,
                                config.pixel_threshold)
         candidates = self._candidates if policy == "codec" and whole is None \
             else int(keep.sum())
+        last_full_s = self.last_full_s
         self._remember(sampled, luma, keep, time_s)
+        if policy == "vllm_evs" and whole is None:
+            # The ViT saw every group but the LLM gets a pruned frame: no whole view yet.
+            self.last_full_s = last_full_s
         return Selection(keep, whole, candidates, sampled, previous, fallback)
 
     def _codec_keep(self, luma: np.ndarray, grid: tuple[int, int],

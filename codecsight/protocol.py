@@ -50,12 +50,20 @@ FRAME_META_COLUMNS = (
     "grid_h",       # merge groups per column of the whole frame
     "grid_w",       # merge groups per row of the whole frame
     "kept_groups",  # merge groups of this frame present in PATCHES
+    "token_pruning",  # TOKEN_PRUNING code: what llm_prefill does with its tokens after the ViT
 )
 META = {name: i for i, name in enumerate(FRAME_META_COLUMNS)}
 FRAME_TYPES = {"?": 0, "I": 1, "P": 2, "B": 3}
 FRAME_TYPE_NAMES = {v: k for k, v in FRAME_TYPES.items()}
 
-PATCH_POLICIES = ("dense", "evs", "codec")
+# dense, evs and codec choose the patches the ViT sees; vllm_evs sends every patch to the ViT
+# and llm_prefill drops tokens after it, as vLLM's video_pruning_rate does (token_pruning.py).
+PATCH_POLICIES = ("dense", "evs", "codec", "vllm_evs")
+# FRAME_META token_pruning, by code (the index): "none" keeps every token codec_parser sent;
+# "vllm_evs" prunes the frame's tokens against the previous frame's (token_pruning.py);
+# "vllm_evs_whole" keeps them all (a whole frame: stream start, whole-frame timer) and makes
+# the frame the next one's reference.
+TOKEN_PRUNING = ("none", "vllm_evs", "vllm_evs_whole")
 REFRESH_POLICIES = ("full", "selective")
 
 # Every tensor each model of the repository takes and gives, as its config.pbtxt declares it
@@ -308,6 +316,8 @@ class LlmStats(_WireStats):
     active_streams: int | None = None  # set by the model: streams this instance holds
     state_bytes: int | None = None   # set by the model: bytes the stream's state holds
     batch_size: int | None = None    # set by the model: requests in this execution
+    visual_tokens_pruned: int = 0    # this request's visual tokens the ViT encoded and
+    #                                  llm_prefill dropped (vllm_evs, video_pruning_rate)
     first_logits: list | None = None  # the first answer token's logits [vocab], only when
     #                                   llm_prefill's report_first_logits is on (exactness tests)
 

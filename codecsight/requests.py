@@ -13,9 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from codecsight.protocol import (AU_BYTES, AU_PTS, CHUNK, FRAME_META, MODEL_TENSORS,
+from codecsight.protocol import (AU_BYTES, AU_PTS, CHUNK, FRAME_META, META, MODEL_TENSORS,
                                  PATCH_POLICIES, PATCHES, POSITIONS, REFRESH_POLICIES,
-                                 STREAM_ID_PATTERN, TOKENS, InvalidRequest, check_choice)
+                                 STREAM_ID_PATTERN, TOKEN_PRUNING, TOKENS, InvalidRequest,
+                                 check_choice)
 
 # numpy dtype of each Triton data type a model reads as an array.
 _NUMPY = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_FP64": np.float64,
@@ -131,8 +132,8 @@ class PrefillRequest:
 
     def validate(self, max_question_tokens: int,
                  question_tokens: int | Callable[[str], int]) -> "PrefillRequest":
-        """Raises InvalidRequest for a bad stream ID or tensor, an unknown refresh policy, a
-        question over max_question_tokens, or a bad window.
+        """Raises InvalidRequest for a bad stream ID or tensor, an unknown refresh policy or
+        FRAME_META token_pruning code, a question over max_question_tokens, or a bad window.
 
         question_tokens: the question's length in tokens, or a function of the question
         that counts them.
@@ -143,6 +144,10 @@ class PrefillRequest:
             check_tensor(sid, "llm_prefill", name, value)
         if self.refresh:
             check_choice(sid, "refresh policy", self.refresh, REFRESH_POLICIES)
+        codes = self.frame_meta[:, META["token_pruning"]]
+        if ((codes < 0) | (codes >= len(TOKEN_PRUNING))).any():
+            raise InvalidRequest(sid, f"FRAME_META token_pruning codes "
+                                 f"{sorted(set(codes.tolist()))} must index {TOKEN_PRUNING}")
         count = question_tokens(self.question) if callable(question_tokens) else question_tokens
         if count > max_question_tokens:
             raise InvalidRequest(sid, f"question is {count} tokens, over the limit of "

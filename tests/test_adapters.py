@@ -84,7 +84,7 @@ def test_codec_parser_answers_a_start_with_patches_and_its_stats(parser, chunks,
     meta = response.outputs[FRAME_META]
     n = patches.shape[1]
     assert patches.shape == (1, n, geometry.patch_dim) and patches.dtype == np.float32
-    assert positions.shape == (1, n, 3) and meta.shape[0] == 1 and meta.shape[2] == 7
+    assert positions.shape == (1, n, 3) and meta.shape[0] == 1 and meta.shape[2] == 8
     stats = response.json("PARSE_STATS")
     assert stats["stream"] == "cam-1" and stats["active_streams"] == 1
     assert stats["policy"] == "codec" and stats["frames_decoded"] == 25
@@ -227,7 +227,7 @@ def test_an_exact_duplicate_chunk_is_dropped_and_the_stream_time_does_not_move(p
     stats = again.json("PARSE_STATS")
     assert again.error is None and stats["duplicate_chunk"] is True and stats["chunk_seq"] == 0
     assert stats["frames_decoded"] == 0 and again.outputs[PATCHES].shape[1] == 0
-    assert again.outputs[FRAME_META].shape == (1, 0, 7)
+    assert again.outputs[FRAME_META].shape == (1, 0, 8)
     patches, meta = outputs_of(one(model, parse_request("cam-d", chunks[1], chunk_seq=1)))
     want_patches, want_meta = outputs_of(one(control, parse_request("cam-d", chunks[1],
                                                                     chunk_seq=1)))

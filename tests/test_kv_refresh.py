@@ -240,11 +240,11 @@ class FakeRequest(triton_stub.InferenceRequest):
         positions = [[f.t, 2 * h + dh, 2 * w + dw] for f in frames for h, w in f.cells
                      for dh in (0, 1) for dw in (0, 1)]
         meta = [[f.t, f.frame_index, f.time_ms, FRAME_TYPES[f.frame_type], f.grid_h, f.grid_w,
-                 len(f.tokens)] for f in frames]
+                 len(f.tokens), 0] for f in frames]   # token_pruning 0: tokens as sent
         super().__init__({
             "TOKENS": tokens.numpy()[None],
             "POSITIONS": np.array(positions, np.int64).reshape(1, -1, 3),
-            "FRAME_META": np.array(meta, np.int64).reshape(1, -1, 7),
+            "FRAME_META": np.array(meta, np.int64).reshape(1, -1, 8),
             "QUESTION": np.array([[question.encode()]], dtype=object),
             "REFRESH": np.array([[refresh.encode()]], dtype=object),
             "WINDOW_SECONDS": np.array([[window_seconds]], np.float32),

@@ -224,7 +224,7 @@ def test_codec_parser_config_declares_exactly_the_declared_parameters():
 
 
 def test_policies_are_the_protocol_ones_plus_the_oracle():
-    assert PATCH_POLICIES == ("dense", "evs", "codec")
+    assert PATCH_POLICIES == ("dense", "evs", "codec", "vllm_evs")
     assert POLICIES == PATCH_POLICIES + ("oracle",)
 
 
@@ -377,7 +377,7 @@ def test_hevc_streams_fall_back_to_evs_and_say_so(geometry):
 
 def test_unknown_policy_names_the_choices(geometry):
     parser = StreamParser(geometry, "h264", FPS, 2.0)
-    with pytest.raises(ValueError, match="unknown policy 'fast'.*dense, evs, codec, oracle"):
+    with pytest.raises(ValueError, match="unknown policy 'fast'.*dense, evs, codec, vllm_evs, oracle"):
         parser.parse(b"", "fast")
 
 

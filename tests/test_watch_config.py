@@ -67,7 +67,7 @@ def test_toml_and_yaml_give_the_same_cameras(tmp_path, name, text):
     ('[[cameras]]\nstream_id = "a"\nurl = "rtsp://h/a"\npolcy = "dense"\n',
      r"camera 1 \(a\), key 'polcy': unknown key \(a typo\?\)"),
     ('[[cameras]]\nstream_id = "a"\nurl = "rtsp://h/a"\npolicy = "fast"\n',
-     r"camera 1 \(a\), key 'policy': Input should be 'dense', 'evs' or 'codec'"),
+     r"camera 1 \(a\), key 'policy': Input should be 'dense', 'evs', 'codec' or 'vllm_evs'"),
     ('[[cameras]]\nurl = "rtsp://h/a"\n', r"camera 1, key 'stream_id': missing"),
     ('[[cameras]]\nstream_id = "a b"\nurl = "rtsp://h/a"\n',
      r"camera 1 \(a b\), key 'stream_id': String should match pattern"),
