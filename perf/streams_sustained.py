@@ -7,7 +7,7 @@ are sustained when the p99 window latency stays under the stride. N is ramped pe
 doubling until a level fails, then bisected; the policies' levels are interleaved in time,
 and each level is bounded (--seconds, then every stream ends with END).
 
-    .venv/bin/python perf/streams_sustained.py --policies dense,codec \
+    .venv/bin/python perf/streams_sustained.py --policies dense,vllm_evs,codec \
         --json perf/results/streams_sustained.json
 
 Opt-in and slow (minutes): not part of the test suite.
@@ -56,6 +56,11 @@ def stream_live(url: str, clip: str, info, settings, chunks: list, offset_s: flo
         with lock:
             out.append({"k": k, "latency_s": latency, "measured": k >= skip_first,
                         "frames": window.parse.frames_sampled if window else 0,
+                        # visual tokens of the frames, and those that reached the LLM (the
+                        # ViT's output less what vllm_evs dropped after it)
+                        "tokens": window.parse.groups_total if window else 0,
+                        "llm_tokens": window.parse.groups_kept
+                        - window.llm.visual_tokens_pruned if window else 0,
                         "error": error})
         if last or error:
             return
@@ -103,6 +108,8 @@ def run_level(url: str, clip: str, info, policy: str, refresh: str, streams: int
         "stride_ms": args.stride_seconds * 1000.0,
         "sustained": bool(measured) and p99 < args.stride_seconds * 1000.0,
         "frames_per_s": sum(w["frames"] for w in windows) / wall,
+        "llm_token_share": sum(w["llm_tokens"] for w in windows)
+        / max(1, sum(w["tokens"] for w in windows)),
         "wall_s": wall,
         # Per composing model, compute (input + infer + output) and queue ms per request:
         # the stage whose compute nears stride / N is the one that holds the level back.
@@ -140,7 +147,9 @@ class Ramp:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", help="H.264 clip (default: the generated static-camera clip)")
-    parser.add_argument("--policies", default="dense,codec")
+    parser.add_argument("--policies", default="dense,vllm_evs,codec",
+                        help=f"comma-separated, of {','.join(P.PATCH_POLICIES)} (vllm_evs: "
+                        "vLLM's EVS, a dense ViT then tokens dropped before the LLM)")
     parser.add_argument("--refresh", default="full")
     # --stride-seconds is also the latency bound a level must hold.
     defaults.add_window_arguments(parser)
@@ -198,11 +207,12 @@ def main(argv=None) -> int:
     dense = next((n for key, n in sustained.items() if key.startswith("dense/")), None)
     ratios = {key: (n / dense if dense else None) for key, n in sustained.items()}
     head = ("policy", "refresh", "streams", "windows", "p50 ms", "p99 ms", "frames/s",
-            "sustained")
+            "LLM tok %", "sustained")
     print("\n".join(align_rows(head, [
         (r["policy"], r["refresh"], r["streams"], r["windows_measured"],
          fmt_value(r["latency_ms_p50"], "{:.0f}"), fmt_value(r["latency_ms_p99"], "{:.0f}"),
-         fmt_value(r["frames_per_s"], "{:.1f}"), "yes" if r["sustained"] else "no")
+         fmt_value(r["frames_per_s"], "{:.1f}"), fmt_value(100 * r["llm_token_share"], "{:.1f}"),
+         "yes" if r["sustained"] else "no")
         for r in records])))
     for key, n in sustained.items():
         print(f"{key}: {n} stream(s) sustained"

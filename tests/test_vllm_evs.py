@@ -310,3 +310,38 @@ def test_served_vllm_evs_keeps_the_rate_of_tokens_after_a_dense_vit(server):
     share = 1 - sum(w.llm.visual_tokens_pruned for w in windows) / sum(
         w.parse.groups_total for w in windows)
     assert abs(share - (1 - q)) < 0.01
+
+
+# -- the benchmarks report what reached the LLM ----------------------------------------------
+
+
+def test_bench_reports_vit_patches_and_llm_tokens_apart():
+    import argparse
+
+    from codecsight import protocol as P
+    from codecsight.tools import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([CLIP])
+
+    def window(policy, pruned):
+        return bench.AnsweredWindow(
+            latency_s=0.5, bytes_sent=1000,
+            parse=P.ParseStats.empty(policy=policy, frames_sampled=4, patches_kept=4 * 1792,
+                                     patches_total=4 * 1792, groups_kept=1792,
+                                     groups_total=1792),
+            llm=P.LlmStats.empty(tokens_prefilled=800, prefill_ms=10.0,
+                                 visual_tokens_pruned=pruned))
+
+    info = argparse.Namespace(width=768, height=432)
+    stages = {name: {} for name in bench.STAGES}
+    records = [bench.make_record(CLIP, info, p, "full",
+                                 [bench.Run([window(p, n)], 1.0, stages, None)], args)
+               for p, n in (("dense", 0), ("vllm_evs", 1075))]
+    assert records[1]["patches_kept"] == records[0]["patches_kept"]     # the ViT sees it all
+    assert (records[1]["llm_tokens_kept"], records[1]["llm_tokens_total"]) == (717, 1792)
+    ratios = bench.make_ratios(records)
+    assert ratios[1]["llm_tokens_kept"] == pytest.approx(717 / 1792)
+    table = bench.format_table(records, ratios)
+    assert "LLM tok %" in table and "40.0" in table

@@ -229,6 +229,11 @@ def make_record(video: str, info, policy: str, refresh: str, runs: list[Run], ar
         "frames_sampled": frames, "windows": len(windows),
         "patches_total": sum(w.parse.patches_total for w in windows),
         "patches_kept": sum(w.parse.patches_kept for w in windows),
+        # Visual tokens (merge groups) of the sampled frames, and those that reached the LLM:
+        # the ViT's output less what llm_prefill dropped after it (vllm_evs).
+        "llm_tokens_total": sum(w.parse.groups_total for w in windows),
+        "llm_tokens_kept": sum(w.parse.groups_kept - w.llm.visual_tokens_pruned
+                               for w in windows),
         "vit_ms_per_frame": per_frame(stage_ms["vit_pruned"]),
         "parser_ms_per_frame": per_frame(sum(w.parse.parser_ms for w in windows)),
         "llm_ms_per_frame": per_frame(stage_ms["llm_prefill"]),
@@ -260,6 +265,7 @@ def make_record(video: str, info, policy: str, refresh: str, runs: list[Run], ar
 RATIO_FIELDS = (
     ("throughput_frames_per_s", "throughput", "{:.2f}x"),
     ("patches_kept", "ViT patches", "{:.2f}x"),
+    ("llm_tokens_kept", "LLM tokens", "{:.2f}x"),
     ("vit_ms_per_frame", "ViT ms/frame", "{:.2f}x"),
     ("parser_ms_per_frame", "parser ms/frame", "{:.2f}x"),
     ("prefill_tokens_per_window", "prefill tokens/win", "{:.2f}x"),
@@ -296,7 +302,7 @@ def make_ratios(records: list[dict]) -> list[dict]:
                "refresh": record["refresh"],
                "baseline": f"{base['policy']}/{base['refresh']}"}
         for field, _, _ in RATIO_FIELDS:
-            row[field] = _ratio(record[field], base[field])
+            row[field] = _ratio(record.get(field), base.get(field))
         # Rounds are paired (same round = same stretch of machine load), so their ratios
         # cancel most of the drift a shared machine adds.
         rounds = [_ratio(a, b) for a, b in zip(record["throughput_frames_per_s_rounds"],
@@ -310,13 +316,18 @@ def make_ratios(records: list[dict]) -> list[dict]:
 def format_table(records: list[dict], ratios: list[dict]) -> str:
     """Absolute figures, then ratios against dense, as aligned text."""
     lines = []
-    head = ("video", "policy", "refresh", "frames/s", "kept %", "ViT ms/f", "parse ms/f",
-            "prefill tok/w", "prefill ms/w", "p50 ms", "p99 ms", "RSS MB")
+    # kept %: patches the ViT encoded; LLM tok %: visual tokens that reached the LLM (they
+    # differ under vllm_evs, which prunes after the ViT).
+    head = ("video", "policy", "refresh", "frames/s", "kept %", "LLM tok %", "ViT ms/f",
+            "parse ms/f", "prefill tok/w", "prefill ms/w", "p50 ms", "p99 ms", "RSS MB")
     rows = []
     for r in records:
         kept = 100.0 * r["patches_kept"] / r["patches_total"] if r["patches_total"] else None
+        llm_kept = 100.0 * r["llm_tokens_kept"] / r["llm_tokens_total"] \
+            if r.get("llm_tokens_total") else None
         rows.append((Path(r["video"]).name, r["policy"], r["refresh"],
                      fmt_value(r["throughput_frames_per_s"], "{:.2f}"), fmt_value(kept, "{:.1f}"),
+                     fmt_value(llm_kept, "{:.1f}"),
                      fmt_value(r["vit_ms_per_frame"], "{:.1f}"),
                      fmt_value(r["parser_ms_per_frame"], "{:.1f}"),
                      fmt_value(r["prefill_tokens_per_window"], "{:.0f}"),

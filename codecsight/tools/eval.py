@@ -119,6 +119,7 @@ def stream_clip(client, clip: EvalClip, task: int, policy: str, refresh: str, *,
             "tokens_prefilled": window.llm.tokens_prefilled,
             "tokens_reused": window.llm.tokens_reused,
             "visual_tokens": (window.llm.visual_tokens or 0),
+            "visual_tokens_pruned": window.llm.visual_tokens_pruned,   # after the ViT
             "window_frames": window.llm.window_frames,
             "window_matches_labels": reported == expected
             and window.llm.window_frames == len(served.frame_indices),
@@ -381,6 +382,8 @@ def summarize(records: list[dict], combos) -> list[dict]:
             "patches_kept_share": round(sum(r["patches_kept"] for r in mine)
                                         / max(1, sum(r["patches_total"] for r in mine)), 4),
             "tokens_prefilled": int(sum(r["tokens_prefilled"] for r in mine)),
+            # visual tokens the ViT encoded and llm_prefill dropped (vllm_evs)
+            "visual_tokens_pruned": int(sum(r.get("visual_tokens_pruned", 0) for r in mine)),
             "tokens_prefilled_per_window": round(float(np.mean(
                 [r["tokens_prefilled"] for r in mine])), 1),
             "frames_per_s": round(sum(r["frames_sampled"] for r in mine) / latency, 2),
@@ -413,7 +416,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     tasks = list(synth.TASKS)
     head = ["policy", "refresh"] + [f"{t} F1 / acc" for t in tasks] + [
         "binary F1 (mean)", "patches kept", "tokens prefilled / window", "frames/s",
-        "p50 ms/window"]
+        "p50 ms/window", "tokens dropped after the ViT"]
     lines = [f"Held-out suite: {meta['clips']} clips (seeds {meta['seeds']}), "
              f"{meta['windows']} windows x {len(tasks)} tasks per policy; model "
              f"`{meta['model_dir']}`; analysis {meta['fps']:g} fps, window "
@@ -433,7 +436,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          f"{_num(m['f1'])} / {m['accuracy']:.2f}")
         cells += [_num(r["binary_f1_mean"]), f"{100 * r['patches_kept_share']:.1f}%",
                   f"{r['tokens_prefilled_per_window']:.0f}", f"{r['frames_per_s']:.1f}",
-                  f"{r['latency_ms_p50']:.0f}"]
+                  f"{r['latency_ms_p50']:.0f}", str(r.get("visual_tokens_pruned", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     drops = [r for r in rows if "vs_dense" in r]
     if drops:
