@@ -221,7 +221,7 @@ def tap_tensors(rows: torch.Tensor, cols: torch.Tensor, grid_rows: torch.Tensor,
     def axis(index, size):
         src = index.float() * (side - 1) / torch.clamp(size - 1, min=1)
         floor = torch.floor(src)
-        offsets = torch.arange(2)
+        offsets = torch.arange(2, device=index.device)
         taps = (floor.long()[..., None] + offsets).clamp(0, side - 1)
         weights = (1 - (src[..., None] - floor[..., None] - offsets).abs()).clamp(min=0)
         return taps, weights
@@ -285,7 +285,8 @@ class PrunedTower(torch.nn.Module):
         # Additive block mask, built once for all blocks; a patch always sees itself.
         segment = positions[..., 0]
         same = segment[:, None, :, None] == segment[:, None, None, :]        # [B, 1, N, N]
-        mask = torch.zeros(same.shape, dtype=x.dtype).masked_fill(~same, float("-inf"))
+        mask = torch.zeros(same.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~same, float("-inf"))
         features = []
         for layer, block in enumerate(self.blocks):
             x = x + self._attention(block.attn, block.norm1(x), cos, sin, mask)
