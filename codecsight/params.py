@@ -58,6 +58,7 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
         "onnx_file": str,
         "max_patches": int,
         "intra_op_threads": int,
+        "device": ("cpu", "cuda"),       # vision.DEVICES: where the encoder runs (served_encoder)
     },
 }
 # vit_pruned's production config.pbtxt runs the TensorRT backend, which reads none of our

@@ -14,7 +14,13 @@ The same encoder exists three ways, all computing the same function:
 source of truth for serving) and `OnnxVisionEncoder` (ONNX Runtime on CPU); the TensorRT plan
 in model_repository/vit_pruned is built from that ONNX file. The ONNX graph carries Triton's
 batch axis in front ([B, N, ...], one patch set per item) because vit_pruned is served with
-max_batch_size > 0; `OnnxVisionEncoder` runs one set as B = 1.
+max_batch_size > 0.
+
+Serving on CPU uses that batch axis for frames (`encode_patch_sets`): every frame of every
+stream's set becomes its own batch item, frames sorted by length and padded to a common L
+with dummy merge groups in a segment of their own, so attention costs sum(B * L^2) per
+execution, about what each frame costs alone, instead of the N^2 of all frames of several
+streams in one masked sequence (perf/bench_vit_frames.py measures both).
 """
 from __future__ import annotations
 
@@ -285,18 +291,23 @@ class PrunedVisionEncoder(torch.nn.Module):
     @staticmethod
     def _additive(allowed: torch.Tensor) -> torch.Tensor:
         """bool mask -> float32 0 where allowed, -inf elsewhere (same shape)."""
-        return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed,
-                                                                           float("-inf"))
+        return torch.zeros(allowed.shape, dtype=torch.float32,
+                           device=allowed.device).masked_fill(~allowed, float("-inf"))
 
     @torch.inference_mode()
     def encode(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """numpy in, numpy out: float32 [N, patch_dim], int64 [N, 3] -> float32 [N/4, hidden]."""
-        if len(patches) == 0:
-            return np.zeros((0, self.vision_hidden), dtype=np.float32)
-        check_merge_groups(positions, self.merge_size)
-        tokens = self(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
-                      torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)))
-        return tokens.numpy()
+        """numpy in, numpy out, on the module's device: float32 [N, patch_dim], int64 [N, 3]
+        -> float32 [N/4, hidden], or a batch [B, N, ...] -> [B, N/4, hidden]. Raises
+        ValueError (check_merge_groups) for a set whose merge groups are not whole."""
+        patches, positions = np.asarray(patches), np.asarray(positions)
+        for index, item in enumerate(positions.reshape((-1,) + positions.shape[-2:])):
+            check_merge_groups(item, self.merge_size, index)
+        if patches.shape[-2] == 0 or (patches.ndim == 3 and not len(patches)):
+            return np.zeros(patches.shape[:-2] + (0, self.vision_hidden), np.float32)
+        device = self.merger.mlp[-1].weight.device
+        tokens = self(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device),
+                      torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(device))
+        return tokens.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +433,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = 18) ->
 
 
 class OnnxVisionEncoder:
-    """The exported vision encoder in ONNX Runtime on CPU: numpy patch set in, tokens out."""
+    """The exported vision encoder in ONNX Runtime on CPU: numpy patch sets in, tokens out
+    (one set, or a batch of equal-length sets such as batch_frames makes)."""
 
     def __init__(self, path: str | Path, intra_op_threads: int | None = None):
         import onnxruntime as ort
@@ -449,38 +461,55 @@ class OnnxVisionEncoder:
         self.vision_hidden = int(meta[META_VISION_HIDDEN])
 
     def __call__(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Encode one patch set: float32 [N, patch_dim], int64 [N, 3] -> float32 [N/4, hidden]."""
+        """Encode one patch set, float32 [N, patch_dim] and int64 [N, 3] -> float32 [N/4,
+        hidden], or a batch of sets of equal length, [B, N, ...] -> [B, N/4, hidden].
+
+        Raises ValueError for shapes that do not fit the graph or N that is not whole merge
+        groups.
+        """
         patches = np.asarray(patches)
         positions = np.asarray(positions)
-        if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
-            raise ValueError(f"patches must be [N, {self.patch_dim}], got {list(patches.shape)}")
-        n = patches.shape[0]
-        if positions.ndim != 2 or len(positions) != n or positions.shape[1] not in (3, 5):
+        single = patches.ndim == 2
+        if patches.ndim not in (2, 3) or patches.shape[-1] != self.patch_dim:
+            raise ValueError(f"patches must be [N, {self.patch_dim}] (or [B, N, {self.patch_dim}] "
+                             f"for a batch), got {list(patches.shape)}")
+        n = patches.shape[-2]
+        if positions.shape[:-1] != patches.shape[:-1] or positions.shape[-1] not in (3, 5):
             raise ValueError(f"positions must be [N, 3] = [{n}, 3] (t, h, w; or [N, 5] with "
-                             f"each frame's patch grid) to match the patches, got "
-                             f"{list(positions.shape)}")
+                             f"each frame's patch grid) to match the patches "
+                             f"{list(patches.shape)}, got {list(positions.shape)}")
         if n % self.patches_per_group:
             raise ValueError(f"{n} patches is not a whole number of {self.patches_per_group}-patch "
                              "merge groups: keep or drop whole merge groups")
-        if n == 0:
-            return np.zeros((0, self.vision_hidden), dtype=np.float32)
-        # The graph has Triton's batch axis; one set is a batch of one.
+        if single:   # the graph has Triton's batch axis; one set is a batch of one
+            patches, positions = patches[None], positions[None]
+        if n == 0 or not len(patches):
+            tokens = np.zeros((len(patches), n // self.patches_per_group, self.vision_hidden),
+                              np.float32)
+            return tokens[0] if single else tokens
         (tokens,) = self.session.run([OUTPUT_TOKENS], {
-            INPUT_PATCHES: np.ascontiguousarray(patches[None], dtype=np.float32),
-            INPUT_POSITIONS: np.ascontiguousarray(positions[None], dtype=np.int64),
+            INPUT_PATCHES: np.ascontiguousarray(patches, dtype=np.float32),
+            INPUT_POSITIONS: np.ascontiguousarray(positions, dtype=np.int64),
         })
-        return tokens[0]
+        return tokens[0] if single else tokens
 
 
 class TorchVisionEncoder:
-    """A family's pruned tower in torch on CPU, for families whose tower has no sound ONNX
-    export (Family.onnx_exportable False): the same call as OnnxVisionEncoder."""
+    """A family's pruned tower in torch on a device: the same call as OnnxVisionEncoder.
 
-    def __init__(self, family, model_dir: str | Path, intra_op_threads: int | None = None):
+    vit_pruned serves it for families whose tower has no sound ONNX export
+    (Family.onnx_exportable False) and for every family on device "cuda" (served_encoder).
+    The tower's weights live on the device; each call moves its numpy batch there once and
+    its tokens back once (the Triton edge).
+    """
+
+    def __init__(self, family, model_dir: str | Path, intra_op_threads: int | None = None,
+                 device: str | torch.device = "cpu"):
         if intra_op_threads:
             torch.set_num_threads(intra_op_threads)
+        self.device = torch.device(device)
         model, _ = family.load(model_dir)
-        self.tower = family.vision_tower(model).eval()
+        self.tower = family.vision_tower(model).eval().to(self.device)
         g = family.geometry
         self.patches_per_group, self.patch_dim = g.patches_per_group, g.patch_dim
         self.vision_hidden = family.token_width
@@ -488,21 +517,45 @@ class TorchVisionEncoder:
 
     @torch.inference_mode()
     def __call__(self, patches: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One patch set: float32 [N, patch_dim], int64 [N, position_columns] -> float32
-        [N/4, token_width]."""
-        if len(patches) == 0:
-            return np.zeros((0, self.vision_hidden), dtype=np.float32)
-        return self.tower(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
-                          torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
-                          ).numpy()
+        """One patch set, float32 [N, patch_dim] and int64 [N, position_columns] -> float32
+        [N/4, token_width], or a batch of equal-length sets [B, N, ...] -> [B, N/4, ...]."""
+        patches, positions = np.asarray(patches), np.asarray(positions)
+        if patches.shape[-2] == 0 or (patches.ndim == 3 and not len(patches)):
+            return np.zeros(patches.shape[:-2] + (0, self.vision_hidden), np.float32)
+        tokens = self.tower(
+            torch.from_numpy(np.ascontiguousarray(patches, np.float32)).to(self.device),
+            torch.from_numpy(np.ascontiguousarray(positions, np.int64)).to(self.device))
+        return tokens.cpu().numpy()
+
+
+# vit_pruned's `device` parameter (codecsight.params): where its encoder runs.
+DEVICES = ("cpu", "cuda")
 
 
 def served_encoder(family, model_dir: str | Path, onnx_path: str | Path,
-                   intra_op_threads: int | None = None):
-    """vit_pruned's encoder for a family: its ONNX export in ONNX Runtime where it has one
-    (FileNotFoundError if it was not built), else its torch tower."""
+                   intra_op_threads: int | None = None, device: str = "cpu"):
+    """vit_pruned's encoder for a family on a device (its `device` parameter, DEVICES).
+
+    cpu: the ONNX export in ONNX Runtime where the family has one (FileNotFoundError if it
+    was not built), else the torch tower. cuda: the torch tower on the GPU for every family:
+    this build's ONNX Runtime is CPU-only (onnxruntime-gpu is not installed; RUNBOOK), and
+    the torch tower computes the function the export is verified against (export_onnx).
+    Raises ValueError naming vit_pruned and the parameter for an unknown device or "cuda"
+    where torch sees no CUDA device, so the model fails to load instead of serving on CPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"vit_pruned: parameter device {device!r} is not one of "
+                         f"{', '.join(DEVICES)}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "vit_pruned: parameter device is 'cuda' but torch finds no CUDA device here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
+                "set device to cpu in vit_pruned's config, or serve on a machine with an "
+                "NVIDIA GPU and a CUDA build of torch")
+        return TorchVisionEncoder(family, model_dir, intra_op_threads, device)
     if not family.onnx_exportable:
-        return TorchVisionEncoder(family, model_dir, intra_op_threads)
+        return TorchVisionEncoder(family, model_dir, intra_op_threads, device)
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"{onnx_path} is missing: run `codecsight build` first")
     return OnnxVisionEncoder(onnx_path, intra_op_threads)
@@ -528,69 +581,85 @@ def frame_grid_positions(positions: np.ndarray, frame_meta: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# Micro-batch packing: several streams' patch sets in one execution
+# Per-frame batching: every frame its own batch item, several frames per execution
+
+# Most padding one frame may carry, as a share of its batch's L. Frames are sorted by kept
+# length and cut into batches greedily; a frame joins the current batch while its own
+# padding stays within the share, so its attention costs at most 1 / (1 - share)^2 of what it
+# costs alone (the rows at most 1 / (1 - share)). Chosen by perf/bench_vit_frames.py
+# (perf/results/vit_frames.md), which times 0, 0.1, 0.25 and 0.5 on the clip's dense and
+# codec frames at 1, 4 and 8 streams.
+MAX_PADDING_SHARE = 0.25
+# Segment id of the padding rows in a batch item (the item's frame is segment 0): padding
+# attends only to itself, so no real patch sees it.
+_PADDING_SEGMENT = 1
 
 
 @dataclasses.dataclass
-class PatchBatch:
-    """One encoder execution: whole sets (or whole frames of an oversized set) concatenated."""
+class FrameBatch:
+    """One encoder execution: B frames, one per batch item, each padded to the longest (L).
 
-    patches: np.ndarray          # float32 [n, patch_dim]
-    positions: np.ndarray        # int64 [n, 3]; column 0 renumbered: one id per (set, frame)
-    pieces: list[tuple[int, int]]  # (set index, patches) in row order; tokens follow that order
+    patches    float32 [B, L, patch_dim]  the frame's rows, then zeros
+    positions  int64   [B, L, C]          the frame's rows with column 0 set to segment 0;
+                                          then whole dummy merge groups in segment 1
+    frames     (set index, first row in its set, rows) of each item's frame
+    """
+
+    patches: np.ndarray
+    positions: np.ndarray
+    frames: list[tuple[int, int, int]]
 
 
-def _frame_index(segment: np.ndarray, set_index: int) -> np.ndarray:
-    """Index of each row's frame within its set: int64 [N], 0, 0, ..., 1, 1, ..."""
-    frame = np.zeros(len(segment), dtype=np.int64)
-    frame[1:] = np.cumsum(segment[1:] != segment[:-1])
-    if len(segment) and frame[-1] + 1 != len(np.unique(segment)):
+def frame_spans(positions: np.ndarray, set_index: int = 0) -> list[tuple[int, int]]:
+    """(first row, end row) of each frame of a patch set, in row order.
+
+    positions: int64 [N, >=3]; a frame is a run of rows sharing column 0 (t). Raises
+    ValueError naming the set if a frame's rows are not consecutive.
+    """
+    segment = np.asarray(positions)[:, 0]
+    if not len(segment):
+        return []
+    bounds = np.flatnonzero(np.concatenate([[True], segment[1:] != segment[:-1], [True]]))
+    if len(bounds) - 1 != len(np.unique(segment)):
         raise ValueError(f"patch set {set_index}: the patches of a frame (positions column 0) "
                          "must be consecutive; produce sets with patchify")
-    return frame
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-def pack_patch_sets(sets: Sequence[tuple[np.ndarray, np.ndarray]],
-                    max_patches: int) -> list[PatchBatch]:
-    """Pack patch sets into executions of at most max_patches patches each.
+def _padding_positions(rows: int, template: np.ndarray, merge_size: int) -> np.ndarray:
+    """rows dummy positions int64 [rows, C]: whole merge groups at (h, w) in the top-left
+    merge cell, in segment _PADDING_SEGMENT, other columns copied from template [C] (a row
+    of the item's frame, so e.g. a frame-grid column stays valid for its tower)."""
+    per_group = merge_size ** 2
+    within = np.arange(rows) % per_group
+    pad = np.repeat(template[None], rows, axis=0)
+    pad[:, 0] = _PADDING_SEGMENT
+    pad[:, 1] = within // merge_size
+    pad[:, 2] = within % merge_size
+    return pad
 
-    sets: (patches float32 [N_i, patch_dim], positions int64 [N_i, 3]) per set, e.g. one per
-    stream. Sets stay whole when they fit; a set larger than max_patches is split between
-    frames (frames attend only to themselves, so the split changes no token). Segment ids
-    are renumbered per batch so that sets sharing t values never attend to each other.
-    Raises ValueError naming the limit if one frame alone exceeds max_patches.
+
+def batch_frames(sets: Sequence[tuple[np.ndarray, np.ndarray]], max_patches: int,
+                 merge_size: int = 2,
+                 max_padding: float = MAX_PADDING_SHARE) -> list[FrameBatch]:
+    """Cut patch sets into per-frame batches: one frame per batch item, B * L <= max_patches.
+
+    sets: (patches float32 [N_i, patch_dim], positions int64 [N_i, C >= 3]) per set, e.g. one
+    per stream; a frame is a run of rows sharing t (positions column 0). Frames of all sets
+    are sorted by length, longest first, and cut greedily: a frame of n rows joins the
+    current batch (whose first frame set L) while B * L stays <= max_patches and its padding
+    L - n is at most max_padding * L. Frames of equal length (dense frames of one picture
+    size) always share a batch up to max_patches. Attention then costs sum(B * L^2) over the
+    batches instead of the N^2 of all frames packed into one masked sequence.
+    Raises ValueError naming the set for a malformed set, a frame that is not whole merge
+    groups, or a frame larger than max_patches.
     """
     if max_patches <= 0:
         raise ValueError(f"max_patches must be positive, got {max_patches}")
-    batches: list[PatchBatch] = []
-    patch_rows: list[np.ndarray] = []
-    position_rows: list[np.ndarray] = []
-    pieces: list[tuple[int, int]] = []
-    filled = segments = 0
-
-    def flush() -> None:
-        nonlocal patch_rows, position_rows, pieces, filled, segments
-        if pieces:
-            batches.append(PatchBatch(np.concatenate(patch_rows),
-                                      np.concatenate(position_rows), pieces))
-        patch_rows, position_rows, pieces, filled, segments = [], [], [], 0, 0
-
-    def add(set_index: int, patches: np.ndarray, positions: np.ndarray, frame: np.ndarray,
-            start: int, stop: int) -> None:
-        nonlocal filled, segments
-        renumbered = positions[start:stop].copy()
-        if stop > start:
-            # Fresh batch-local ids: frames of this set continue after every earlier segment.
-            renumbered[:, 0] = frame[start:stop] - frame[start] + segments
-            segments += int(frame[stop - 1] - frame[start]) + 1
-        patch_rows.append(patches[start:stop])
-        position_rows.append(renumbered)
-        if pieces and pieces[-1][0] == set_index:
-            pieces[-1] = (set_index, pieces[-1][1] + stop - start)
-        else:
-            pieces.append((set_index, stop - start))
-        filled += stop - start
-
+    if not 0 <= max_padding < 1:
+        raise ValueError(f"max_padding is a share of a batch's rows in [0, 1), got {max_padding}")
+    per_group = merge_size ** 2
+    frames: list[tuple[int, int, int]] = []          # (set index, start, rows)
     for set_index, (patches, positions) in enumerate(sets):
         patches, positions = np.asarray(patches), np.asarray(positions)
         if patches.ndim != 2 or positions.ndim != 2 or len(positions) != len(patches) \
@@ -598,51 +667,80 @@ def pack_patch_sets(sets: Sequence[tuple[np.ndarray, np.ndarray]],
             raise ValueError(f"patch set {set_index}: need patches [N, patch_dim] and positions "
                              f"[N, 3] (t, h, w, then any per-patch columns), got "
                              f"{list(patches.shape)} and {list(positions.shape)}")
-        n = len(patches)
-        frame = _frame_index(positions[:, 0], set_index)
-        if n <= max_patches:
-            if filled + n > max_patches:
-                flush()
-            add(set_index, patches, positions, frame, 0, n)
-            continue
-        bounds = [0, *(np.flatnonzero(np.diff(frame)) + 1).tolist(), n]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b - a > max_patches:
+        for start, stop in frame_spans(positions, set_index):
+            rows = stop - start
+            if rows % per_group:
+                raise ValueError(f"patch set {set_index}: frame t={int(positions[start, 0])} "
+                                 f"has {rows} patches, not a whole number of {per_group}-patch "
+                                 "merge groups")
+            if rows > max_patches:
                 raise ValueError(
-                    f"patch set {set_index}: frame t={int(positions[a, 0])} has {b - a} patches, "
-                    f"more than max_patches={max_patches} (the engine profile's maximum); raise "
-                    "max_patches or use smaller frames")
-            if filled + b - a > max_patches:
-                flush()
-            add(set_index, patches, positions, frame, a, b)
-    flush()
+                    f"patch set {set_index}: frame t={int(positions[start, 0])} has {rows} "
+                    f"patches, more than max_patches={max_patches} (one execution's limit); "
+                    "raise max_patches or use smaller frames")
+            frames.append((set_index, start, rows))
+    # Longest first, ties in arrival order (stable), so equal frames stay together.
+    frames.sort(key=lambda f: -f[2])
+
+    groups: list[list[tuple[int, int, int]]] = []
+    for frame in frames:
+        current = groups[-1] if groups else None
+        if current:
+            length = current[0][2]                # longest first: the batch's L
+            if (len(current) + 1) * length <= max_patches \
+                    and length - frame[2] <= max_padding * length:
+                current.append(frame)
+                continue
+        groups.append([frame])
+
+    batches = []
+    for group in groups:
+        length = group[0][2]
+        first_patches, first_positions = sets[group[0][0]]
+        patches = np.zeros((len(group), length, first_patches.shape[1]), np.float32)
+        positions = np.zeros((len(group), length, first_positions.shape[1]), np.int64)
+        for item, (set_index, start, rows) in enumerate(group):
+            set_patches, set_positions = sets[set_index]
+            patches[item, :rows] = set_patches[start:start + rows]
+            positions[item, :rows] = set_positions[start:start + rows]
+            positions[item, :rows, 0] = 0
+            if rows < length:
+                positions[item, rows:] = _padding_positions(length - rows,
+                                                            positions[item, 0], merge_size)
+        batches.append(FrameBatch(patches, positions, group))
     return batches
 
 
 def encode_patch_sets(encoder: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       sets: Sequence[tuple[np.ndarray, np.ndarray]],
-                      max_patches: int, merge_size: int = 2) -> list[np.ndarray]:
-    """Encode many patch sets in packed executions; tokens come back per set, in set order.
+                      max_patches: int, merge_size: int = 2,
+                      max_padding: float = MAX_PADDING_SHARE) -> list[np.ndarray]:
+    """Encode many patch sets frame by frame in per-frame batches (batch_frames); tokens come
+    back per set, in set order.
 
-    encoder: numpy patch set -> tokens (OnnxVisionEncoder, PrunedVisionEncoder.encode).
-    Returns one float32 [N_i/4, hidden] array per set, equal to encoding each set alone.
-    Raises ValueError (check_merge_groups) for a set whose merge groups are not whole.
+    encoder: batched numpy callable, patches float32 [B, L, patch_dim] and positions int64
+    [B, L, C] -> tokens float32 [B, L/4, width], every item its own patch set
+    (OnnxVisionEncoder, TorchVisionEncoder, PrunedVisionEncoder.encode).
+    Returns one float32 [N_i/4, width] array per set, equal to encoding each frame alone
+    (padding sits in a segment of its own: no real patch attends to it).
+    Raises ValueError (check_merge_groups, batch_frames) naming the set that is malformed.
     """
     for set_index, (_, positions) in enumerate(sets):
         check_merge_groups(positions, merge_size, set_index)
-    parts: list[list[np.ndarray]] = [[] for _ in sets]
-    for batch in pack_patch_sets(sets, max_patches):
-        tokens = encoder(batch.patches, batch.positions)
-        n = len(batch.patches)
-        # The patches-per-token ratio is the merge group; read it off the result rather than
-        # assume it, and check every piece is made of whole groups.
-        per_token = n // len(tokens) if n else 1
-        start = 0
-        for set_index, n_patches in batch.pieces:
-            if n_patches % per_token:
-                raise ValueError(f"patch set {set_index}: {n_patches} patches is not a whole "
-                                 f"number of {per_token}-patch merge groups")
-            stop = start + n_patches // per_token
-            parts[set_index].append(tokens[start:stop])
-            start = stop
-    return [np.concatenate(p) for p in parts]
+    per_group = merge_size ** 2
+    parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in sets]
+    width = None
+    for batch in batch_frames(sets, max_patches, merge_size, max_padding):
+        tokens = encoder(batch.patches, batch.positions)        # [B, L/4, width]
+        width = tokens.shape[-1]
+        for item, (set_index, start, rows) in enumerate(batch.frames):
+            parts[set_index].append((start, tokens[item, :rows // per_group]))
+    if width is None and sets:   # only empty sets: the encoder says how wide tokens are
+        patches, positions = sets[0]
+        width = encoder(np.asarray(patches)[None], np.asarray(positions)[None]).shape[-1]
+    out = []
+    for pieces in parts:
+        pieces.sort(key=lambda p: p[0])
+        out.append(np.concatenate([t for _, t in pieces]) if pieces
+                   else np.zeros((0, width), np.float32))
+    return out

@@ -14,13 +14,13 @@ def config(model="vit_pruned", backend="python", **values):
 
 
 VIT = dict(model_dir="../models/x", onnx_file="model.onnx", max_patches="4096",
-           intra_op_threads="0")
+           intra_op_threads="0", device="cpu")
 
 
 def test_parameters_take_their_declared_types():
     out = params.read("vit_pruned", config(**VIT))
     assert out == {"model_dir": "../models/x", "onnx_file": "model.onnx", "max_patches": 4096,
-                   "intra_op_threads": 0}
+                   "intra_op_threads": 0, "device": "cpu"}
     assert isinstance(out["max_patches"], int)
 
 

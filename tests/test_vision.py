@@ -244,7 +244,7 @@ def test_onnx_encoder_rejects_malformed_patch_sets(onnx_encoder, patches_shape, 
         onnx_encoder(np.zeros(patches_shape, np.float32), np.zeros(positions_shape, np.int64))
 
 
-# --- micro-batch packing ---------------------------------------------------------------------
+# --- encoding many sets (the per-frame batching itself: tests/test_vit_frames.py) ----------
 
 
 def stream_set(geometry, n_frames, groups_h, groups_w, seed, first_t=0):
@@ -254,62 +254,17 @@ def stream_set(geometry, n_frames, groups_h, groups_w, seed, first_t=0):
                            np.arange(first_t, first_t + n_frames), keep)
 
 
-def uniform_set(n_frames, patches_per_frame, first_t=0):
-    patches = np.zeros((n_frames * patches_per_frame, 4), np.float32)
-    positions = np.zeros((len(patches), 3), np.int64)
-    positions[:, 0] = np.repeat(np.arange(first_t, first_t + n_frames), patches_per_frame)
-    return patches, positions
-
-
-def test_pack_keeps_whole_sets_together_within_the_budget():
-    sets = [uniform_set(2, 48), uniform_set(1, 64), uniform_set(3, 16)]
-    batches = vision.pack_patch_sets(sets, max_patches=160)
-    assert [b.pieces for b in batches] == [[(0, 96), (1, 64)], [(2, 48)]]
-    assert [len(b.patches) for b in batches] == [160, 48]
-
-
-def test_pack_renumbers_frames_so_sets_sharing_t_never_share_a_segment():
-    sets = [uniform_set(2, 8, first_t=5), uniform_set(2, 4, first_t=5)]
-    (batch,) = vision.pack_patch_sets(sets, max_patches=100)
-    segments = batch.positions[:, 0]
-    assert segments.tolist() == [0] * 8 + [1] * 8 + [2] * 4 + [3] * 4
-    assert sets[0][1][0, 0] == 5  # the caller's positions are left alone
-
-
-def test_pack_splits_an_oversized_set_between_frames():
-    sets = [uniform_set(1, 8), uniform_set(3, 48, first_t=10)]
-    batches = vision.pack_patch_sets(sets, max_patches=100)
-    # Set 1 fills the first execution up to a frame boundary, its last two frames share one.
-    assert [b.pieces for b in batches] == [[(0, 8), (1, 48)], [(1, 96)]]
-    assert all(len(b.patches) <= 100 for b in batches)
-
-
-def test_pack_rejects_a_frame_larger_than_max_patches():
-    with pytest.raises(ValueError, match=r"patch set 1: frame t=3 has 64 patches, "
-                                         r"more than max_patches=48"):
-        vision.pack_patch_sets([uniform_set(1, 32), uniform_set(2, 64, first_t=3)],
-                               max_patches=48)
-
-
-def test_pack_rejects_a_set_whose_frames_are_interleaved():
-    patches, positions = uniform_set(2, 8)
-    positions[:, 0] = np.tile([0, 1], 8)
-    with pytest.raises(ValueError, match="patch set 0: the patches of a frame"):
-        vision.pack_patch_sets([(patches, positions)], max_patches=100)
-
-
 def test_encode_patch_sets_equals_encoding_each_set_alone(geometry, onnx_encoder):
-    # Streams of unequal length, all counting t from 0; a small budget packs several sets
-    # into one execution (where their t values collide) and splits the longest between two.
+    # Streams of unequal length, all counting t from 0; a small budget spreads their frames
+    # over several executions, where frames of different sets share one.
     sets = [stream_set(geometry, 2, 2, 2, seed=10),
             stream_set(geometry, 1, 2, 3, seed=11),
             stream_set(geometry, 5, 3, 4, seed=12),
             stream_set(geometry, 2, 4, 3, seed=13)]
     max_patches = 64
-    batches = vision.pack_patch_sets(sets, max_patches)
-    assert batches[0].pieces[:2] == [(0, len(sets[0][0])), (1, len(sets[1][0]))]
+    batches = vision.batch_frames(sets, max_patches)
     assert sets[0][1][0, 0] == sets[1][1][0, 0] == 0       # both start at t = 0
-    assert sum(p[0] == 2 for b in batches for p in b.pieces) > 1  # set 2 was split
+    assert any(len({s for s, _, _ in b.frames}) > 1 for b in batches)  # sets share executions
     tokens = vision.encode_patch_sets(onnx_encoder, sets, max_patches)
     assert len(tokens) == len(sets)
     for got, patch_set in zip(tokens, sets):

@@ -11,6 +11,11 @@ optimisation profile: B from 1 to config.pbtxt's max_batch_size (Triton reads it
 from there) and N from --min-patches to --max-patches, tuned for --opt-patches. Defaults come
 from config.pbtxt (max_batch_size, parameter max_patches), its one source of configuration.
 Needs TensorRT >= 10 (INT64 inputs). Exits with status 2 when TensorRT is missing.
+
+Served by Triton's TensorRT backend, each request (one stream's patch set, all its frames)
+is one batch item attending under the graph's frame mask; the Python model
+(configs/cpu.pbtxt) batches the same graph frame by frame instead (one frame per item), so
+there N is one frame's patches. Never run on the CPU-only development machines.
 """
 from __future__ import annotations
 

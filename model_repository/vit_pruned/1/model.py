@@ -1,8 +1,10 @@
 """vit_pruned on CPU: the checkpoint family's pruned vision tower (codecsight.families):
 its ONNX export in ONNX Runtime, or the torch tower for a family without a sound export.
 
-Requests that arrive together (several streams) are packed into micro-batches of at most
-max_patches patches; each stream's patches attend only within their own frames. A family
+Requests that arrive together (several streams) are encoded frame by frame: every frame of
+every request is one batch item, frames of similar length share an execution of at most
+max_patches patches (vision.encode_patch_sets), so attention costs what each frame costs
+alone. `device` (cpu or cuda) says where the encoder runs (vision.served_encoder). A family
 whose tower needs each frame's grid (Family.position_columns 5: Qwen3-VL) also receives
 FRAME_META (the rendered repository maps it in) and gets it appended to POSITIONS.
 """
@@ -35,7 +37,8 @@ class TritonPythonModel:
         onnx_path = (Path(args["model_repository"]) / args["model_version"]
                      / self.params["onnx_file"])
         self.encoder = served_encoder(self.family, model_dir, onnx_path,
-                                      self.params["intra_op_threads"] or None)
+                                      self.params["intra_op_threads"] or None,
+                                      self.params["device"])
         self.merge_size = self.family.geometry.merge_size
 
     def execute(self, requests):
@@ -52,7 +55,7 @@ class TritonPythonModel:
             for i, t in zip(sets, tokens):
                 responses[i] = backend.response(pb_utils, TOKENS=t)
         except Exception:
-            # A packed execution failed: run each set alone so one bad set fails only its own.
+            # A shared execution failed: run each set alone so one bad set fails only its own.
             for i, patch_set in sets.items():
                 responses[i] = backend.respond(pb_utils, MODEL, requests[i],
                                                lambda _, s=patch_set: self._encode_alone(s))
