@@ -1,5 +1,6 @@
 """The language side of the VLM: each stream's sliding window of visual tokens, its M-RoPE
-positions, its KV cache across windows, prefill and greedy answers.
+positions, its KV cache across windows, prefill and greedy answers, one stream or several
+streams at once.
 
 What differs per model family (prompt, positions, deepstack) comes from the checkpoint's
 `codecsight.families.Family`; the rest is shared. Qwen2-VL's layout, for example (video in
@@ -31,24 +32,68 @@ The rotation is exact for every layer's keys as far as position goes, so layer-0
 values equal a fresh prefill's. Above layer 0 a reused row still carries what it attended to
 when it was computed (frames that have since left): that approximation is measured
 (perf/bench_kv.py), not assumed away.
+
+Several streams at once (VisualLM.answer_batch, step_streams): each stream plans its own
+window (which rows to drop, rotate, recompute; KVWindow.plan), then ONE forward runs every
+stream's rows to compute plus its question, packed into one sequence [1, sum n_b, hidden]:
+the per-token layers (projections, MLP, norms, deepstack) see the whole pack, and attention
+runs per stream (`stream_attention`, registered with transformers as STREAM_ATTENTION) over
+that stream's own cache with its own causal mask, so streams never see each other and no
+cache is copied into a padded batch. Greedy decoding then runs all due streams together, one
+token each per step; a stream that stops leaves the pack. This is the varlen ("packed")
+batching of vLLM's and FlashAttention's varlen kernels, with SDPA per stream on CPU.
+
+Device: VisualLM(device=...) keeps the LLM, every KV cache, embeddings, hidden states,
+logits, masks and the tokens of answers on that device. Host-side bookkeeping (which row
+holds which frame, the position each cached key was computed at, the layout's position ids)
+stays on the CPU, where the layout is computed from the frames' merge-grid cells; position
+ids and write rows go to the device once per forward (`_device_ints`). Answers' token ids are
+read back once, at the end of decoding; each decoding step reads one bool per stream (did it
+stop) to know which streams go on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from codecsight import params
 from codecsight.families import CheckpointSettings, Family, family_for
 from codecsight.families.base import rope_axes_from_sections
 from codecsight.families.qwen2_vl import PROMPT_PREFIX, PROMPT_SUFFIX  # noqa: F401 (API)
 from codecsight.protocol import FRAME_TYPE_NAMES, META, LlmStats
+from codecsight.token_pruning import StreamTokenPruner
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 REFRESH_FULL, REFRESH_SELECTIVE = "full", "selective"
 ANCHOR_FRAME_TYPES = ("I",)  # frames the codec coded without reference: re-prefilled on a slide
+DEVICES = params.PARAMETERS["llm_prefill"]["device"]   # its `device` parameter's values
+# The attention implementation a packed forward of several streams runs under.
+STREAM_ATTENTION = "codecsight_streams"
+
+
+def torch_device(name: str, model: str = "llm_prefill", index: int = 0) -> torch.device:
+    """The torch device a model's `device` parameter names ('cpu' or 'cuda'; index: the GPU).
+
+    Raises ValueError naming the model and the parameter for an unknown name, or for 'cuda'
+    on a machine where torch sees no CUDA device.
+    """
+    if name not in DEVICES:
+        raise ValueError(f"model {model!r}: parameter device {name!r} is not one of "
+                         f"{', '.join(DEVICES)}")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"model {model!r}: parameter device is 'cuda' but torch sees no "
+                             f"CUDA device here (torch {torch.__version__}); set device to "
+                             "'cpu' in its config.pbtxt or serve it on a GPU machine")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -75,11 +120,13 @@ class WindowFrame:
 
 
 def split_frames(tokens: np.ndarray, positions: np.ndarray, frame_meta: np.ndarray,
-                 merge_size: int) -> list[WindowFrame]:
+                 merge_size: int, device: torch.device | str | None = None) -> list[WindowFrame]:
     """Cut a request's merged tokens into WindowFrames.
 
     tokens [N/4, hidden]; positions [N, 3] patch (t, h, w) in block-major order, so every
     merge_size**2-th row is the first patch of a group; frame_meta [F, len(META)].
+    device: where the frames' tokens are kept (the LLM's; None: the CPU). Each frame's rows
+    are copied there once, here, at the edge where they arrive as numpy.
     """
     per_group = merge_size ** 2
     cells = positions[::per_group, 1:] // merge_size
@@ -97,10 +144,17 @@ def split_frames(tokens: np.ndarray, positions: np.ndarray, frame_meta: np.ndarr
             grid_h=int(row[META["grid_h"]]), grid_w=int(row[META["grid_w"]]),
             # Copies: a frame outlives the request whose tensors it came from, and holds
             # only its own rows (the byte cap counts what is really held).
-            tokens=torch.from_numpy(np.array(tokens[start:start + n], copy=True)),
+            tokens=_frame_tokens(tokens[start:start + n], device),
             cells=np.array(cells[start:start + n], copy=True)))
         start += n
     return frames
+
+
+def _frame_tokens(rows: np.ndarray, device) -> torch.Tensor:
+    """A frame's own copy of its token rows, on the device."""
+    if device is None or torch.device(device).type == "cpu":
+        return torch.from_numpy(np.array(rows, copy=True))
+    return torch.from_numpy(np.ascontiguousarray(rows)).to(device)
 
 
 class SlidingWindow:
@@ -170,20 +224,22 @@ def rotate_temporal(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor,
 class WindowCache(DynamicCache):
     """A DynamicCache whose rows can be dropped, re-phased, or rewritten in place.
 
-    Set `write_rows` (int64 [Q]) before a forward of Q tokens: token i's keys and values go to
-    cache row write_rows[i] (rows past the end extend the cache). Unset, it appends.
+    Set `write_rows` (int64 [Q], on the cache's device) and `write_total` (the cache's row
+    count after the write) before a forward of Q tokens: token i's keys and values go to cache
+    row write_rows[i] (rows past the end extend the cache). Unset, it appends.
     """
 
     def __init__(self, config):
         super().__init__(config=config)
         self.write_rows: torch.Tensor | None = None
+        self.write_total = 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.write_rows is None:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         n_old = layer.get_seq_length()
-        n_total = max(n_old, int(self.write_rows.max()) + 1)
+        n_total = max(n_old, self.write_total)
         merged = []
         for old, new in ((layer.keys, key_states), (layer.values, value_states)):
             out = new.new_empty(new.shape[:2] + (n_total, new.shape[-1]))
@@ -201,7 +257,7 @@ class WindowCache(DynamicCache):
         return self.get_seq_length()
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (int64, ascending), in this order."""
+        """Keep only these rows (int64, ascending, on the cache's device), in this order."""
         for layer in self.layers:
             if layer.get_seq_length():
                 layer.keys = layer.keys.index_select(2, rows)
@@ -217,7 +273,8 @@ class WindowCache(DynamicCache):
     def move_rows(self, rows: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor,
                   axes: torch.Tensor) -> None:
         """Re-encode the keys of cache rows (int64 [r]) at their position + delta (int64
-        [r, 3]), in every layer (Family.rotate_keys with the family's rope axes)."""
+        [r, 3]), in every layer (Family.rotate_keys with the family's rope axes); all on the
+        cache's device."""
         for layer in self.layers:
             if layer.get_seq_length():
                 layer.keys[:, :, rows] = Family.rotate_keys(layer.keys[:, :, rows], delta,
@@ -226,6 +283,60 @@ class WindowCache(DynamicCache):
     @property
     def nbytes(self) -> int:
         return cache_nbytes(self)
+
+
+class PackedStreams:
+    """Several streams' caches behind one packed forward: the `past_key_values` it is given.
+
+    Token segment b of the packed sequence, bounds[b] = (start, end), belongs to the stream
+    whose cache is caches[b]; writes[b] is (write_rows on the device, write_total) for an
+    in-place write, None to append; masks[b] its additive float mask [1, 1, n_b, rows_b] or
+    None (a first prefill: causal; one decoded token: sees every row). `update` files each
+    segment's new keys and values into its own cache and keeps each stream's whole keys and
+    values of the layer for `stream_attention`, which runs next in the same layer.
+    """
+
+    def __init__(self, caches, bounds, writes, masks):
+        self.caches, self.bounds, self.writes, self.masks = caches, bounds, writes, masks
+        self.layer_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.layer_kv = []
+        for cache, (start, end), write in zip(self.caches, self.bounds, self.writes):
+            keys, values = key_states[:, :, start:end], value_states[:, :, start:end]
+            if not cache.layers[layer_idx].get_seq_length():
+                # An empty layer keeps what it is given: its own rows, not a view of the pack.
+                keys, values = keys.clone(), values.clone()
+            cache.write_rows, cache.write_total = write if write else (None, 0)
+            try:
+                self.layer_kv.append(cache.update(keys, values, layer_idx))
+            finally:
+                cache.write_rows = None
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0   # positions and masks are given; nothing asks for one length of the pack
+
+
+def stream_attention(module, query, key, value, attention_mask, *, streams: PackedStreams,
+                     **kwargs):
+    """Attention of a packed forward, stream by stream (registered as STREAM_ATTENTION).
+
+    query [1, heads, sum n_b, head_dim]; key/value are the pack's own (unused: each stream
+    attends to its cache, streams.layer_kv). Each segment runs transformers' SDPA attention
+    with its stream's mask, exactly as the stream's forward alone would. Returns
+    ([1, sum n_b, heads, head_dim], None) as the attention interface does.
+    """
+    outputs = []
+    for (start, end), (keys, values), mask in zip(streams.bounds, streams.layer_kv,
+                                                  streams.masks):
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], keys, values, mask,
+                                        **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(STREAM_ATTENTION, stream_attention)
 
 
 @dataclasses.dataclass
@@ -239,9 +350,11 @@ class Answer:
     anchors_refreshed: int   # anchor frames re-prefilled
     visual_tokens: int
     kv_bytes: int            # bytes the stream's KV cache holds after the question is cropped
-    prefill_ms: float        # window refresh plus question prefill, to the first logits
-    decode_ms: float
-    first_logits: torch.Tensor  # [vocab] logits that chose the first answer token
+    prefill_ms: float        # window refresh plus question prefill, to the first logits (in a
+    #                          batch: the whole batch's, all streams' rows in one forward)
+    decode_ms: float         # greedy decoding (in a batch: all the batch's streams together)
+    first_logits: torch.Tensor  # [vocab] logits that chose the first answer token (on the device)
+    batch_streams: int = 1   # streams prefilled and decoded together with this one (itself too)
 
 
 @dataclasses.dataclass
@@ -259,22 +372,48 @@ class SyncStats:
         return self.new + self.refreshed
 
 
+@dataclasses.dataclass
+class Prefill:
+    """Rows one stream's forward computes: embeds [n, hidden] (device), positions int64 [3, n]
+    (host), visual (embed_layout's, or None); rows int64 [n] (host, ascending): the cache row
+    of each token, or None: crop the cache to `keep` rows and append."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor | None
+    keep: int
+    visual: tuple | None = None
+
+    def then(self, embeds: torch.Tensor, positions: torch.Tensor, first_row: int) -> "Prefill":
+        """This prefill followed by more text tokens (embeds [q, hidden], positions [3, q])
+        written from cache row first_row on, in the same forward."""
+        rows = None if self.rows is None else torch.cat(
+            [self.rows, torch.arange(first_row, first_row + len(embeds))])
+        visual = None
+        if self.visual is not None:
+            mask, deepstack = self.visual
+            visual = (torch.cat([mask, mask.new_zeros(len(embeds))]), deepstack)
+        return Prefill(torch.cat([self.embeds, embeds]), torch.cat([self.positions, positions],
+                                                                   dim=1),
+                       rows, self.keep, visual)
+
+
 class KVWindow:
     """One stream's KV cache over its window: prefix rows, then each cached frame's rows.
 
     `frames` are the frames whose rows the cache holds, in row order, `frame_rows` their row
-    counts, and `positions` int64 [3, rows] the position every cached key was encoded at.
+    counts, and `positions` int64 [3, rows] (host) the position every cached key was encoded
+    at.
     """
 
     def __init__(self, vlm: "VisualLM"):
         self.cache = WindowCache(vlm.text_model.config)
         self.frames: list[WindowFrame] = []
         self.frame_rows: list[int] = []
+        self.prefix_rows = 0
         self.positions = torch.zeros(3, 0, dtype=torch.int64)
         self.t0: int | None = None
-        self.prefix_rows = 0
-        # Stream seconds per step of t (the stream's sampling rate; None: the VisualLM's).
-        self.seconds_per_t: float | None = None
+        self.seconds_per_t: float | None = None   # the stream's; None: the VisualLM's
 
     @property
     def rows(self) -> int:
@@ -305,6 +444,21 @@ class KVWindow:
         anchor_frames: how many of the reused I-frame anchors to re-prefill after a slide,
         oldest first (the oldest reused rows lost the most of their context).
         """
+        stats, prefill = self.plan(vlm, frames, refresh, anchor_frames)
+        if prefill is not None:
+            vlm.run([(self.cache, prefill)])
+        return stats
+
+    @torch.inference_mode()
+    def plan(self, vlm: "VisualLM", frames: list[WindowFrame], refresh: str,
+             anchor_frames: int) -> tuple[SyncStats, Prefill | None]:
+        """sync up to its forward: drop the rows of frames that left, rotate reused keys, lay
+        the window out, and return the rows still to compute (None: nothing to compute).
+
+        After plan the bookkeeping already describes the new window; the cache holds it once
+        the Prefill has run (VisualLM.run). ValueError for an unknown policy or frames out of
+        sampled-frame order (nothing changed then).
+        """
         if refresh not in (REFRESH_FULL, REFRESH_SELECTIVE):
             raise ValueError(f"unknown refresh policy {refresh!r}")
         t0 = frames[0].t
@@ -324,7 +478,7 @@ class KVWindow:
                     keep.append(torch.arange(start, start + n))
                 start += n
             keep = torch.cat(keep)
-            self.cache.keep_rows(keep)
+            self.cache.keep_rows(vlm.device_ints(keep))
             self.positions = self.positions[:, keep]
         # Where every row of the new window sits: kept rows come first, in their order.
         layout = vlm.window_layout(frames, t0, self.seconds_per_t)
@@ -336,7 +490,8 @@ class KVWindow:
             delta = positions[:, :n_kept] - self.positions[:, :n_kept]
             moved = torch.nonzero(delta.any(0)).flatten()
             if len(moved):
-                self.cache.move_rows(moved, delta[:, moved].T, vlm.inv_freq, vlm.rope_axes)
+                self.cache.move_rows(vlm.device_ints(moved), vlm.device_ints(delta[:, moved].T),
+                                     vlm.inv_freq, vlm.rope_axes)
 
         # What to recompute among the kept rows: all (full) or the oldest anchors (selective).
         had_prefix = self.prefix_rows > 0
@@ -368,21 +523,30 @@ class KVWindow:
             start += n
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         if not len(rows):
-            return stats
+            return stats, None
         embeds, _, visual = vlm.embed_layout(self.frames, layout, compute_prefix, set(chosen))
         r0 = int(rows[0])
         if len(rows) == self.rows - r0:
             # A contiguous suffix: crop and prefill it (exact, and the fast causal path).
-            self.cache.truncate(r0)
-            vlm.forward(self.cache, embeds, positions[:, rows], visual=visual)
-        else:
-            vlm.forward(self.cache, embeds, positions[:, rows], rows=rows, visual=visual)
-        return stats
+            return stats, Prefill(embeds, positions[:, rows], None, r0, visual)
+        return stats, Prefill(embeds, positions[:, rows], rows, r0, visual)
 
 
 # Settings of a model built without a checkpoint directory (VisualLM(model, ...) of a model
 # not loaded by Family.load): the demo model's, as CodecSight's own checkpoints use them.
 DEMO_SETTINGS = CheckpointSettings("overlapping", "transformers5")
+
+
+@dataclasses.dataclass
+class AnswerJob:
+    """One stream's window to answer: its KV cache, the window's frames (oldest first), the
+    question, the refresh policy and how many anchors a slide re-prefills."""
+
+    kv: KVWindow
+    frames: list[WindowFrame]
+    question: str
+    refresh: str
+    anchor_frames: int = 1
 
 
 class VisualLM:
@@ -392,15 +556,21 @@ class VisualLM:
     else the model config's family with the demo model's settings (DEMO_SETTINGS).
     seconds_per_t: stream seconds per window-frame step of t (Family.seconds_per_t); only
     families whose temporal ids follow time (Qwen2.5-VL) use it.
+    device: where the LLM runs (torch.device or its name); the language model and lm_head
+    are moved there. None: where the model's parameters already are.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, family: Family | None = None,
-                 seconds_per_t: float = 0.5):
+                 seconds_per_t: float = 0.5, device: torch.device | str | None = None):
         self.family = family or getattr(model, "codecsight_family", None) \
             or family_for(model.config.to_dict(), settings=DEMO_SETTINGS)
         self.seconds_per_t = seconds_per_t
         self.text_model = model.model.language_model
         self.lm_head = model.lm_head
+        if device is not None:
+            self.text_model.to(device)
+            self.lm_head.to(device)
+        self.device = self.lm_head.weight.device
         self.embed = self.text_model.get_input_embeddings()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -409,9 +579,10 @@ class VisualLM:
         self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
+        self._stop_tensor: tuple[frozenset, torch.Tensor] | None = None
         rotary = self.text_model.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().clone()
-        self.rope_axes = self.family.rope_axes(self.text_model)
+        self.rope_axes = self.family.rope_axes(self.text_model).to(self.device)
         # Configs without layer_types (Qwen3-VL's) are all full attention.
         self.layer_types = sorted(set(getattr(self.text_model.config, "layer_types", None)
                                       or ["full_attention"]))
@@ -424,30 +595,47 @@ class VisualLM:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def stop_tensor(self) -> torch.Tensor:
+        """stop_ids as int64 on the device (made again only when stop_ids changes)."""
+        key = frozenset(self.stop_ids)
+        if self._stop_tensor is None or self._stop_tensor[0] != key:
+            self._stop_tensor = (key, torch.tensor(sorted(key), dtype=torch.int64,
+                                                   device=self.device))
+        return self._stop_tensor[1]
+
+    def device_ints(self, values: torch.Tensor) -> torch.Tensor:
+        """Host int64 bookkeeping (rows, positions, deltas) on the device: the one place it
+        crosses (a no-op on the CPU)."""
+        return values.to(self.device, non_blocking=True)
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        return self.embed(torch.tensor(ids, dtype=torch.int64, device=self.device))
+
     def question_ids(self, question: str) -> list[int]:
         return self._ids(self.family.question_text(question))
 
     def window_layout(self, frames: list[WindowFrame], t0: int | None = None,
                       seconds_per_t: float | None = None):
         """The family's WindowLayout of frames (t0: the frame t positions count from;
-        seconds_per_t: the stream's, None: this VisualLM's default)."""
+        seconds_per_t: the stream's, None: this VisualLM's default). Positions on the host."""
         if t0 is None:
             t0 = frames[0].t if frames else 0
         return self.family.layout(frames, self._ids, t0, seconds_per_t or self.seconds_per_t)
 
     def embed_layout(self, frames: list[WindowFrame], layout, prefix: bool = True,
                      only: set[int] | None = None):
-        """Embeddings [L, hidden], positions [3, L] and the visual rows of frames' sequence.
+        """Embeddings [L, hidden] (device), positions [3, L] (host) and the visual rows of
+        frames' sequence.
 
         only: the t of the frames to include (None: all); prefix False leaves the prefix off.
-        visual: None, or (bool [L] visual rows, deepstack [layers, v, hidden]) for families
-        with deepstack features.
+        visual: None, or (bool [L] visual rows, deepstack [layers, v, hidden]), both on the
+        device, for families with deepstack features when the rows hold visual tokens.
         """
         parts, pos, is_visual, deep = [self.embed.weight[:0]], [], [], []
         if prefix:
-            parts.append(self.embed(torch.tensor(layout.prefix, dtype=torch.int64)))
+            parts.append(self._embed_ids(layout.prefix))
             pos.append(layout.prefix_positions)
-            is_visual.append(torch.zeros(len(layout.prefix), dtype=torch.bool))
+            is_visual.append((False, len(layout.prefix)))
         for f, rows in zip(frames, layout.frames):
             if only is not None and f.t not in only:
                 continue
@@ -455,26 +643,26 @@ class VisualLM:
             for ids, visual in ((rows.before, None), (None, tokens), (rows.after, None)):
                 if visual is not None:
                     parts.append(visual.to(parts[0].dtype))
-                    is_visual.append(torch.ones(len(visual), dtype=torch.bool))
+                    is_visual.append((True, len(visual)))
                 elif ids:
-                    parts.append(self.embed(torch.tensor(ids, dtype=torch.int64)))
-                    is_visual.append(torch.zeros(len(ids), dtype=torch.bool))
+                    parts.append(self._embed_ids(ids))
+                    is_visual.append((False, len(ids)))
             if deepstack is not None:
                 deep.append(deepstack)
             pos.append(rows.positions)
         embeds = torch.cat(parts)
         positions = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.int64)
         visual = None
-        if self.family.deepstack_layers:
-            mask = torch.cat(is_visual) if is_visual else torch.zeros(0, dtype=torch.bool)
-            deepstack = torch.cat(deep, dim=1) if deep else \
-                torch.zeros(self.family.deepstack_layers, 0, embeds.shape[-1])
-            visual = (mask, deepstack.to(embeds.dtype))
+        if self.family.deepstack_layers and any(v and n for v, n in is_visual):
+            mask = torch.cat([torch.full((n,), v, dtype=torch.bool, device=self.device)
+                              for v, n in is_visual])
+            visual = (mask, torch.cat(deep, dim=1).to(embeds.dtype))
         return embeds, positions, visual
 
     def layout(self, frames: list[WindowFrame], question: str | None, t0: int | None = None,
                prefix: bool = True):
-        """Embeddings [L, hidden] and M-RoPE positions [3, L] of a window's sequence.
+        """Embeddings [L, hidden] (device) and M-RoPE positions [3, L] (host) of a window's
+        sequence.
 
         question None leaves the question off (the rows a KV cache keeps); t0 is the frame t
         that temporal positions count from (default: the first frame's); prefix False leaves
@@ -483,16 +671,100 @@ class VisualLM:
         layout = self.window_layout(frames, t0)
         embeds, positions, _ = self.embed_layout(frames, layout, prefix)
         if question is not None:
-            suffix = torch.tensor(self.question_ids(question), dtype=torch.int64)
+            suffix = self.question_ids(question)
             after = layout.text_start
             positions = torch.cat([positions,
                                    torch.arange(after, after + len(suffix)).expand(3, -1)], dim=1)
-            embeds = torch.cat([embeds, self.embed(suffix)])
+            embeds = torch.cat([embeds, self._embed_ids(suffix)])
         return embeds, positions
 
     def text_start(self, frames: list[WindowFrame]) -> int:
         """Position of the first text token after the video (the family's rule)."""
         return self.window_layout(frames).text_start
+
+    def _causal_mask(self, cache: WindowCache, n: int, rows: torch.Tensor | None):
+        """(write, mask) of n tokens run into a cache: write (rows on the device, rows after)
+        for an in-place write or None to append; mask the additive float mask
+        [1, 1, n, rows after] on the device, or None where there is no past (causal)."""
+        if rows is None and not cache.rows:
+            return None, None
+        if rows is None:
+            first, n_total = cache.rows, cache.rows + n
+            rows_dev = torch.arange(first, n_total, device=self.device)
+            write = None
+        else:
+            n_total = max(cache.rows, int(rows[-1]) + 1)
+            rows_dev = self.device_ints(rows)
+            write = (rows_dev, n_total)
+        dtype = self.embed.weight.dtype
+        # Our own mask whenever there is a past: an additive float mask runs SDPA's CPU kernel
+        # ~25% faster than the boolean one transformers would build.
+        blocked = torch.arange(n_total, device=self.device)[None, :] > rows_dev[:, None]  # [n, K]
+        mask = torch.zeros(blocked.shape, dtype=dtype, device=self.device).masked_fill_(
+            blocked, float("-inf"))[None, None]
+        return write, mask
+
+    def run(self, jobs: Sequence[tuple[WindowCache, Prefill]]) -> torch.Tensor:
+        """Run each stream's Prefill into its cache in one forward; the last hidden state of
+        each, [len(jobs), hidden].
+
+        A Prefill with rows writes token i at cache row rows[i], attending to every row up to
+        its own, as in one causal prefill; without, it crops the cache to `keep` rows and
+        appends. One job runs the stock attention; several run packed (PackedStreams,
+        stream_attention).
+        """
+        for cache, prefill in jobs:
+            if prefill.rows is None:
+                cache.truncate(prefill.keep)
+        writes, masks, bounds, start = [], [], [], 0
+        for cache, prefill in jobs:
+            write, mask = self._causal_mask(cache, len(prefill.embeds), prefill.rows)
+            writes.append(write)
+            masks.append(mask)
+            bounds.append((start, start + len(prefill.embeds)))
+            start += len(prefill.embeds)
+        embeds = torch.cat([p.embeds for _, p in jobs])
+        positions = self.device_ints(torch.cat([p.positions for _, p in jobs], dim=1))
+        visuals = [p.visual for _, p in jobs]
+        visual = None
+        if any(v is not None for v in visuals):
+            masks_v = [v[0] if v is not None else
+                       torch.zeros(len(p.embeds), dtype=torch.bool, device=self.device)
+                       for v, (_, p) in zip(visuals, jobs)]
+            visual = (torch.cat(masks_v), torch.cat([v[1] for v in visuals if v is not None],
+                                                    dim=1))
+        hidden = self._forward([c for c, _ in jobs], bounds, writes, masks, embeds,
+                               positions, visual)
+        return hidden[0, [end - 1 for _, end in bounds]]
+
+    def _forward(self, caches, bounds, writes, masks, embeds, positions, visual):
+        """The text model over the packed tokens embeds [n, hidden] at positions [3, n]
+        (device); hidden states [1, n, hidden]."""
+        if len(caches) == 1:
+            (cache,), (write,), (mask,) = caches, writes, masks
+            cache.write_rows, cache.write_total = write if write else (None, 0)
+            try:
+                return self.family.run_text(
+                    self.text_model, embeds[None], positions[:, None, :],
+                    None if mask is None else {kind: mask for kind in self.layer_types},
+                    cache, visual)
+            finally:
+                cache.write_rows = None
+        streams = PackedStreams(caches, bounds, writes, masks)
+        with self._attention(STREAM_ATTENTION):
+            return self.family.run_text(self.text_model, embeds[None], positions[:, None, :],
+                                        None, streams, visual, streams=streams)
+
+    @contextlib.contextmanager
+    def _attention(self, implementation: str):
+        """Run the text model's attention layers under another attention implementation."""
+        config = self.text_model.config
+        before = config._attn_implementation
+        config._attn_implementation = implementation
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def forward(self, cache: WindowCache, embeds: torch.Tensor, positions: torch.Tensor,
                 rows: torch.Tensor | None = None, visual=None) -> torch.Tensor:
@@ -502,67 +774,129 @@ class VisualLM:
         row rows[i], attending to every row up to its own, as in one causal prefill.
         visual: embed_layout's, for families with deepstack features.
         """
-        mask = None
-        if rows is not None or cache.rows:
-            # Our own mask whenever there is a past: an additive float mask runs SDPA's CPU
-            # kernel ~25% faster than the boolean one transformers would build.
-            if rows is None:
-                rows = torch.arange(cache.rows, cache.rows + len(embeds))
-            else:
-                cache.write_rows = rows
-            n_total = max(cache.rows, int(rows[-1]) + 1)
-            blocked = torch.arange(n_total)[None, :] > rows[:, None]             # [n, K]
-            causal = torch.where(blocked, torch.tensor(float("-inf"), dtype=embeds.dtype),
-                                 torch.tensor(0.0, dtype=embeds.dtype))[None, None]
-            mask = {kind: causal for kind in self.layer_types}
-        try:
-            hidden = self.family.run_text(self.text_model, embeds[None], positions[:, None, :],
-                                          mask, cache, visual)
-        finally:
-            cache.write_rows = None
-        return hidden[0, -1]
+        prefill = Prefill(embeds, positions, rows, cache.rows, visual)
+        return self.run([(cache, prefill)])[0]
 
     @torch.inference_mode()
     def answer(self, kv: KVWindow, frames: list[WindowFrame], question: str, refresh: str,
                anchor_frames: int = 1) -> Answer:
-        """Sync the stream's KV to the window, append the question, decode greedily, crop."""
+        """Sync the stream's KV to the window, append the question, decode greedily, crop.
+
+        A batch of one of answer_batch; raises what that stream's job raised.
+        """
+        (result,) = self.answer_batch([AnswerJob(kv, frames, question, refresh, anchor_frames)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def answer_batch(self, jobs: Sequence[AnswerJob]) -> list[Answer | Exception]:
+        """Answer several streams' windows together: one forward prefills every stream's rows
+        to compute (its window refresh) and its question, then all decode greedily together.
+
+        Returns, per job, its Answer, or the exception its own planning raised (ValueError:
+        unknown policy, frames out of order); those streams take no part in the forward. An
+        error of the shared forward or decoding is raised: the caches of every job are then
+        half updated and must be rebuilt (StreamSession drops them).
+        """
         t_start = time.perf_counter()
-        sync = kv.sync(self, frames, refresh, anchor_frames)
-        q_ids = torch.tensor(self.question_ids(question), dtype=torch.int64)
-        after = self.window_layout(frames, None, kv.seconds_per_t).text_start
-        q_pos = torch.arange(after, after + len(q_ids)).expand(3, -1)
-        logits = self.lm_head(self.forward(kv.cache, self.embed(q_ids), q_pos))
+        results: list[Answer | Exception | None] = [None] * len(jobs)
+        planned = []   # (job index, SyncStats, Prefill, question ids, next position)
+        for i, job in enumerate(jobs):
+            try:
+                sync, prefill = job.kv.plan(self, job.frames, job.refresh, job.anchor_frames)
+            except Exception as e:  # noqa: BLE001 (this stream's fault only)
+                results[i] = e
+                continue
+            kv = job.kv
+            q_ids = self.question_ids(job.question)
+            after = self.window_layout(job.frames, None, kv.seconds_per_t).text_start
+            q_pos = torch.arange(after, after + len(q_ids)).expand(3, -1)
+            q_embeds = self._embed_ids(q_ids)
+            if prefill is None:   # nothing of the window to compute: the question appends
+                prefill = Prefill(q_embeds, q_pos, None, kv.rows)
+            else:
+                prefill = prefill.then(q_embeds, q_pos, kv.rows)
+            # Decoding continues after the largest position used, as the stock rope deltas do.
+            last = int(kv.positions.max()) if kv.positions.numel() else -1
+            planned.append((i, sync, prefill, q_ids, max(after + len(q_ids), last + 1)))
+        if not planned:
+            return results
+        hidden = self.run([(jobs[i].kv.cache, prefill) for i, _, prefill, _, _ in planned])
+        logits = self.lm_head(hidden)                                      # [B, vocab]
+        self._synchronize()
         prefill_ms = (time.perf_counter() - t_start) * 1000.0
-        # Decoding continues after the largest position used, as the stock rope deltas do.
-        last = int(kv.positions.max()) if kv.positions.numel() else -1
-        ids, decode_ms = self._greedy(kv.cache, logits, max(after + len(q_ids), last + 1))
-        kv.cache.truncate(kv.rows)
-        return Answer(
-            text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
-            tokens_prefilled=sync.computed + len(q_ids), tokens_reused=sync.reused,
-            tokens_refreshed=sync.refreshed, tokens_new=sync.new,
-            anchors_refreshed=sync.anchors_refreshed,
-            visual_tokens=sum(len(f.tokens) for f in frames), kv_bytes=kv.nbytes,
-            prefill_ms=prefill_ms, decode_ms=decode_ms, first_logits=logits)
+        caches = [jobs[i].kv.cache for i, *_ in planned]
+        ids, decode_ms = self._greedy_batch(caches, logits, [p[4] for p in planned])
+        for (i, sync, _, q_ids, _), first, token_ids in zip(planned, logits, ids):
+            kv = jobs[i].kv
+            kv.cache.truncate(kv.rows)
+            results[i] = Answer(
+                text=self.tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
+                token_ids=token_ids, tokens_prefilled=sync.computed + len(q_ids),
+                tokens_reused=sync.reused, tokens_refreshed=sync.refreshed, tokens_new=sync.new,
+                anchors_refreshed=sync.anchors_refreshed,
+                visual_tokens=sum(len(f.tokens) for f in jobs[i].frames), kv_bytes=kv.nbytes,
+                prefill_ms=prefill_ms, decode_ms=decode_ms, first_logits=first,
+                batch_streams=len(planned))
+        return results
 
     def answer_full(self, frames: list[WindowFrame], question: str) -> Answer:
         """Prefill the whole window plus question from scratch (the dense reference); decode."""
         return self.answer(KVWindow(self), frames, question, REFRESH_FULL)
 
-    def _greedy(self, cache, logits: torch.Tensor, next_pos: int) -> tuple[list[int], float]:
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":   # stage times measure work done, not work queued
+            torch.cuda.synchronize(self.device)
+
+    def _greedy_batch(self, caches: list[WindowCache], logits: torch.Tensor,
+                      next_pos: list[int]) -> tuple[list[list[int]], float]:
+        """Greedy answers of several streams decoded together, one token each per step.
+
+        logits [B, vocab]: each stream's first logits; next_pos: the position of each stream's
+        first answer token. A stream stops at a stop token or after max_new_tokens and leaves
+        the pack. Token ids stay on the device until the end; each step reads only which
+        streams stopped. Returns (token ids per stream, decode ms of all).
+        """
         t_start = time.perf_counter()
-        ids: list[int] = []
+        alive = list(range(len(caches)))
+        positions = torch.tensor(next_pos, dtype=torch.int64, device=self.device)
+        chosen = []   # per step: (streams alive at it, their tokens [alive] on the device)
+        stopped_at, stop_ids = {}, self.stop_tensor()
         for step in range(self.max_new_tokens):
-            token = int(torch.argmax(logits))
-            if token in self.stop_ids:
+            tokens = torch.argmax(logits, dim=-1)
+            stop = torch.isin(tokens, stop_ids)
+            stopped = stop.tolist()             # the step's one read: who goes on
+            chosen.append((alive, tokens))
+            for stream, is_stop in zip(alive, stopped):
+                if is_stop:
+                    stopped_at[stream] = step
+            going = ~stop
+            alive = [s for s, is_stop in zip(alive, stopped) if not is_stop]
+            if step + 1 == self.max_new_tokens or not alive:
                 break
-            ids.append(token)
-            if step + 1 == self.max_new_tokens:
-                break
-            pos = torch.full((3, 1, 1), next_pos + step)
-            hidden = self.family.run_text(self.text_model, self.embed(torch.tensor([[token]])),
-                                          pos, None, cache)
-            logits = self.lm_head(hidden[0, -1])
+            tokens, positions = tokens[going], positions[going]
+            pos = (positions + step).expand(3, -1)[:, None, :]                # [3, 1, B]
+            live = [caches[s] for s in alive]
+            if len(live) == 1:
+                hidden = self.family.run_text(self.text_model, self.embed(tokens[None]), pos,
+                                              None, live[0])
+            else:
+                streams = PackedStreams(live, [(b, b + 1) for b in range(len(live))],
+                                        [None] * len(live), [None] * len(live))
+                with self._attention(STREAM_ATTENTION):
+                    hidden = self.family.run_text(self.text_model, self.embed(tokens[None]),
+                                                  pos, None, streams, streams=streams)
+            logits = self.lm_head(hidden[0])
+        flat = torch.cat([tokens for _, tokens in chosen]).tolist()   # the ids, read once
+        ids: list[list[int]] = [[] for _ in caches]
+        at = 0
+        for step, (streams, _) in enumerate(chosen):
+            for stream, token in zip(streams, flat[at:at + len(streams)]):
+                if stopped_at.get(stream) != step:
+                    ids[stream].append(token)
+            at += len(streams)
+        self._synchronize()
         return ids, (time.perf_counter() - t_start) * 1000.0
 
 
@@ -581,6 +915,7 @@ class StreamSession:
         self.refresh = refresh
         self.anchor_frames = anchor_frames
         self.windows_answered = 0
+        self.token_pruner = StreamTokenPruner()   # vllm_evs: its new frames' tokens, after the ViT
 
     @property
     def kv_bytes(self) -> int:
@@ -588,8 +923,9 @@ class StreamSession:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the window's visual tokens plus the KV cache's storage."""
-        return self.window.nbytes + self.kv_bytes
+        """Bytes held: the window's visual tokens plus the KV cache's storage (and vllm_evs's
+        reference frame)."""
+        return self.window.nbytes + self.kv_bytes + self.token_pruner.nbytes
 
     def step(self, vlm: VisualLM, frames: list[WindowFrame], question: str,
              refresh: str = "") -> tuple[Answer | None, LlmStats]:
@@ -597,6 +933,15 @@ class StreamSession:
 
         An empty question or refresh keeps the stream's current one; a given one replaces it.
         """
+        (result,) = step_streams(vlm, [(self, frames, question, refresh)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def advance(self, vlm: VisualLM, frames: list[WindowFrame], question: str,
+                refresh: str = "") -> tuple[AnswerJob | None, LlmStats]:
+        """step up to its answer: slide the window, take the question and policy; the window's
+        AnswerJob if a question is due (else None), and the stats without the answer."""
         if question:
             self.question = question
         if refresh:
@@ -616,19 +961,65 @@ class StreamSession:
         if self.kv is None:
             self.kv = KVWindow(vlm)
             self.kv.seconds_per_t = self.seconds_per_t
-        try:
-            answer = vlm.answer(self.kv, current, self.question, self.refresh,
-                                self.anchor_frames)
-        except BaseException:
-            # A half-updated cache no longer matches its frames: rebuild it next time.
-            self.kv = None
-            raise
+        return AnswerJob(self.kv, current, self.question, self.refresh, self.anchor_frames), stats
+
+    def answered(self, answer: Answer, stats: LlmStats) -> LlmStats:
+        """The stats of a window once its answer is in."""
         self.windows_answered += 1
-        stats = dataclasses.replace(
+        return dataclasses.replace(
             stats, tokens_prefilled=answer.tokens_prefilled, tokens_reused=answer.tokens_reused,
             tokens_refreshed=answer.tokens_refreshed, tokens_new=answer.tokens_new,
             anchors_refreshed=answer.anchors_refreshed, visual_tokens=answer.visual_tokens,
             kv_bytes=answer.kv_bytes, kv_rows=self.kv.rows,
             prefill_ms=round(answer.prefill_ms, 3), decode_ms=round(answer.decode_ms, 3),
             answer_tokens=len(answer.token_ids))
-        return answer, stats
+
+
+def step_streams(vlm: VisualLM, steps: Sequence[tuple[StreamSession, list[WindowFrame], str, str]]
+                 ) -> list[tuple[Answer | None, LlmStats] | Exception]:
+    """StreamSession.step for several streams at once: every due stream's window is prefilled
+    in one forward and its answer decoded with the others' (VisualLM.answer_batch).
+
+    steps: (session, new frames, question, refresh) per stream, each session at most once.
+    Returns per step (answer or None, stats), or the exception that stream raised: one
+    stream's error never fails another. A stream whose planning fails, or a shared forward
+    that fails (then every due stream is answered again alone), loses its KV cache, which is
+    rebuilt from its window next time.
+    """
+    sessions = [s for s, *_ in steps]
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("step_streams: a stream may appear once per batch")
+    results: list = [None] * len(steps)
+    due = []   # (step index, job, stats)
+    for i, (session, frames, question, refresh) in enumerate(steps):
+        try:
+            job, stats = session.advance(vlm, frames, question, refresh)
+        except Exception as e:  # noqa: BLE001 (this stream's fault only)
+            results[i] = e
+            continue
+        if job is None:
+            results[i] = (None, stats)
+        else:
+            due.append((i, job, stats))
+    if not due:
+        return results
+    try:
+        answers = vlm.answer_batch([job for _, job, _ in due])
+    except Exception as e:  # noqa: BLE001 (the shared forward: find whose it is, alone)
+        answers = [e] if len(due) == 1 else []
+        for i, job, _ in due if len(due) > 1 else []:
+            session = sessions[i]
+            session.kv = None   # half updated by the failed forward: rebuild from the window
+            retry, _ = session.advance(vlm, [], "", "")
+            try:
+                answers.extend(vlm.answer_batch([retry]))
+            except Exception as e:  # noqa: BLE001
+                answers.append(e)
+    for (i, _, stats), answer in zip(due, answers):
+        session = sessions[i]
+        if isinstance(answer, BaseException):
+            session.kv = None   # a half-updated cache no longer matches its frames
+            results[i] = answer
+        else:
+            results[i] = (answer, session.answered(answer, stats))
+    return results

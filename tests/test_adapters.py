@@ -468,7 +468,7 @@ def test_llm_prefill_refuses_bad_input_as_invalid_arg(llm, visual, overrides, te
 
 
 def test_llm_prefill_keeps_no_state_of_a_start_that_failed(llm, visual, monkeypatch):
-    from codecsight.llm import StreamSession
+    from codecsight.llm import VisualLM
 
     model = llm()
 
@@ -476,7 +476,7 @@ def test_llm_prefill_keeps_no_state_of_a_start_that_failed(llm, visual, monkeypa
         raise RuntimeError("out of memory")
 
     with monkeypatch.context() as patch:
-        patch.setattr(StreamSession, "step", broken)
+        patch.setattr(VisualLM, "answer_batch", broken)   # the (batched) forward fails
         refused(one(model, llm_request("cam-s", visual, start=True)), "INTERNAL", "'cam-s'")
     assert len(model.streams) == 0
     empty = (visual[0][:0], visual[1][:0], visual[2][:0])

@@ -277,14 +277,16 @@ class Family(abc.ABC):
 
     # --- the LLM forward -----------------------------------------------------------------------
 
-    def run_text(self, text_model, embeds, positions, mask, cache, visual=None):
+    def run_text(self, text_model, embeds, positions, mask, cache, visual=None, **attention):
         """text_model over embeds [1, n, hidden] at positions [3, 1, n]; last hidden states.
 
         visual: None, or (bool [n] which rows are visual tokens, deepstack [layers, v, hidden])
-        for families that add deepstack features at the visual rows.
+        for families that add deepstack features at the visual rows. attention: keyword
+        arguments the attention layers pass to their attention function (llm.stream_attention
+        takes `streams`, the packed batch of several streams).
         """
         return text_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                          past_key_values=cache, use_cache=True).last_hidden_state
+                          past_key_values=cache, use_cache=True, **attention).last_hidden_state
 
 
 def continue_text(start: int, last_temporal: int, grids: Sequence[tuple[int, int]],

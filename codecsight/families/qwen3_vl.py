@@ -444,9 +444,10 @@ class Qwen3VL(Family):
         # Qwen3VLTextRotaryEmbedding always interleaves its sections.
         return rope_axes_from_sections(list(rotary.mrope_section), interleaved=True)
 
-    def run_text(self, text_model, embeds, positions, mask, cache, visual=None):
+    def run_text(self, text_model, embeds, positions, mask, cache, visual=None, **attention):
         """As Family.run_text, adding the deepstack features at the visual rows after the
-        first decoder layers (the stock Qwen3VLTextModel does the adding)."""
+        first decoder layers (the stock Qwen3VLTextModel does the adding). visual holds at
+        least one visual row where given (llm.VisualLM.embed_layout gives None otherwise)."""
         if isinstance(mask, dict):
             # Qwen3VLTextModel takes one mask (create_causal_mask passes a 4-D float mask
             # through), not a {layer type: mask} mapping; every layer is full attention.
@@ -454,11 +455,11 @@ class Qwen3VL(Family):
         extra = {}
         if visual is not None:
             rows, deepstack = visual
-            if bool(rows.any()):
-                extra = {"visual_pos_masks": rows.reshape(1, -1),
-                         "deepstack_visual_embeds": list(deepstack.to(embeds.dtype).unbind(0))}
+            extra = {"visual_pos_masks": rows.reshape(1, -1),
+                     "deepstack_visual_embeds": list(deepstack.to(embeds.dtype).unbind(0))}
         return text_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                          past_key_values=cache, use_cache=True, **extra).last_hidden_state
+                          past_key_values=cache, use_cache=True, **extra,
+                          **attention).last_hidden_state
 
 
 class Qwen3VLMoe(Qwen3VL):

@@ -1,4 +1,4 @@
-"""llm_prefill: Triton tensors in, codecsight.llm.StreamSession calls, tensors out."""
+"""llm_prefill: Triton tensors in, codecsight.llm.step_streams calls, tensors out."""
 
 import os
 import sys
@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from codecsight import backend, params
 from codecsight.families import family_for_dir
-from codecsight.llm import StreamSession, VisualLM, split_frames
+from codecsight.llm import StreamSession, VisualLM, split_frames, step_streams, torch_device
 from codecsight.metrics import ModelMetrics
 from codecsight.protocol import (ANALYSIS_FPS, FRAME_META, POSITIONS, QUESTION, REFRESH,
                                  TOKENS, WINDOW_SECONDS, InvalidRequest)
@@ -24,26 +24,44 @@ MODEL = "llm_prefill"
 class TritonPythonModel:
     def initialize(self, args):
         self.params = params.read(MODEL, args["model_config"])
+        self.device = torch_device(self.params["device"], MODEL,
+                                   int(args.get("model_instance_device_id") or 0))
         model_dir = params.resolve_model_dir(args["model_repository"], self.params["model_dir"])
         self.family = family_for_dir(model_dir)
         model, tokenizer = self.family.load(model_dir)
         self.merge_size = self.family.geometry.merge_size
-        self.vlm = VisualLM(model, tokenizer, self.params["max_new_tokens"], family=self.family)
+        self.vlm = VisualLM(model, tokenizer, self.params["max_new_tokens"], family=self.family,
+                            device=self.device)
         backend.check_stream_limits(MODEL, args["model_config"], self.params["state_ttl_seconds"])
         self.streams = StreamStates(self.params["state_ttl_seconds"],
                                     self.params["max_state_bytes"], lambda s: s.nbytes)
         self.metrics = ModelMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests):
-        # The sequence batcher may hand us several streams at once: each is served from its
-        # own state, in order; the byte cap is enforced once their caches have grown.
-        responses = [backend.respond(pb_utils, MODEL, r, lambda r: self._prefill(r, len(requests)))
-                     for r in requests]
+        # The sequence batcher may hand us several streams at once: their windows are
+        # prefilled in one forward and answered together (llm.step_streams). A request that
+        # fails validation or its own step fails alone; a stream met twice waits a round.
+        responses = [None] * len(requests)
+        for batch in _rounds(requests):
+            opened = []
+            for i in batch:
+                try:
+                    opened.append(self._open(i, requests[i]))
+                except Exception as e:  # noqa: BLE001 (answered as an error, alone)
+                    responses[i] = backend.failure(pb_utils, MODEL, requests[i], e)
+            results = step_streams(self.vlm, [(o.session, o.frames, o.req.question,
+                                               o.req.refresh) for o in opened])
+            for o, result in zip(opened, results):
+                responses[o.index] = backend.respond(
+                    pb_utils, MODEL, requests[o.index],
+                    lambda r: self._close(o, result, len(requests)))
+        # The byte cap is enforced once the batch's caches have grown.
         self.streams.expire()
         self.metrics.set_active_streams(len(self.streams))
         return responses
 
-    def _prefill(self, request, batch_size):
+    def _open(self, index, request):
+        """Validate a request and enter its stream's state; its frames, ready for the step."""
         req = PrefillRequest(
             backend.sequence(request, pb_utils),
             tokens=backend.array(request, TOKENS, pb_utils),
@@ -65,11 +83,30 @@ class TritonPythonModel:
         # codec_parser, first in the ensemble, checks the owner and refuses another's START;
         # a START that reaches this model is the owner's (a copy here may outlive an eviction
         # there, or the owner restarts after a crash), so it replaces the stream.
-        with backend.stream_state(self.streams, seq, new_session, replace=True) as session:
-            frames = split_frames(req.tokens, req.positions, req.frame_meta, self.merge_size)
-            answer, stats = session.step(self.vlm, frames, req.question, req.refresh)
+        state = backend.stream_state(self.streams, seq, new_session, replace=True)
+        session = state.__enter__()
+        try:
+            frames = split_frames(req.tokens, req.positions, req.frame_meta, self.merge_size,
+                                  self.device)
+            # vllm_evs drops tokens here, after the ViT, before they enter the window.
+            frames, pruned = session.token_pruner.prune(
+                frames, req.frame_meta, self.params["video_pruning_rate"], seq.stream_id)
+        except BaseException as e:
+            state.__exit__(type(e), e, e.__traceback__)
+            raise
+        return _Opened(index, req, state, session, frames, pruned)
+
+    def _close(self, opened, result, batch_size):
+        """Leave the stream's state (freed on END, dropped for a failed START); the response."""
+        if isinstance(result, BaseException):
+            opened.state.__exit__(type(result), result, result.__traceback__)
+            raise result
+        opened.state.__exit__(None, None, None)
+        answer, stats = result
+        seq = opened.req.seq
+        stats.visual_tokens_pruned = opened.pruned
         stats.stream, stats.active_streams = seq.stream_id, len(self.streams)
-        stats.state_bytes, stats.batch_size = session.nbytes, batch_size
+        stats.state_bytes, stats.batch_size = opened.session.nbytes, batch_size
         if answer is not None and self.params["report_first_logits"]:
             stats.first_logits = answer.first_logits.float().tolist()
         if not seq.dry_run:
@@ -88,3 +125,26 @@ class TritonPythonModel:
 
     def finalize(self):
         self.streams = None
+
+
+class _Opened:
+    """A validated request inside its stream's state, waiting for the batch's step."""
+
+    def __init__(self, index, req, state, session, frames, pruned):
+        self.index, self.req, self.state, self.session = index, req, state, session
+        self.frames, self.pruned = frames, pruned
+
+
+def _rounds(requests):
+    """Request indices in rounds that hold each stream (correlation ID) at most once, in
+    arrival order (the sequence batcher gives one request per stream; warmup's share ID 0)."""
+    rounds, seen = [], []
+    for i, request in enumerate(requests):
+        stream = request.correlation_id()
+        k = next((k for k, ids in enumerate(seen) if stream not in ids), len(rounds))
+        if k == len(rounds):
+            rounds.append([])
+            seen.append(set())
+        rounds[k].append(i)
+        seen[k].add(stream)
+    return rounds
