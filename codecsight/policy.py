@@ -48,14 +48,15 @@ import av
 import numpy as np
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import (MACROBLOCK, Axis, DecodedFrame, Picture, frame_to_luma,
+from codecsight.codec import (MACROBLOCK, Axis, DecodedFrame, Picture, changed_macroblocks,
                               macroblock_grid, macroblock_signals, picture_for)
 from codecsight.protocol import PATCH_POLICIES
 
 POLICIES = PATCH_POLICIES + ("oracle",)  # what StreamMasks.select accepts
-# P/B-frames read together by macroblock_signals: enough to spread numpy's per-call cost,
-# few enough for the vectors to stay in cache (8-16 frames measured fastest).
-_SIGNAL_BATCH = 16
+# P/B-frames read together by macroblock_signals: numpy's per-call cost is spread over the
+# frames of a whole chunk (64 measured ~20% faster per frame than 16 on the bundled clip,
+# perf/bench_decode.py; ~80k vectors, a few MB of temporaries).
+_SIGNAL_BATCH = 64
 # Why a sampled frame is kept whole. "timer": whole_frame_seconds passed since the last one.
 WHOLE_FRAME_REASONS = ("start", "scene_cut", "decode_error", "timer")
 # I-frames in a row after which a stream counts as all-intra (keyint=1, I-only encoders): an
@@ -465,17 +466,14 @@ class StreamMasks:
     def _changed_wholesale(self, frame: av.VideoFrame) -> bool:
         """I-frame scene-cut test: most macroblocks' mean |dY| against the frame before.
 
-        On every 4th pixel of every 4th row (a macroblock's 4x4 sample): a cut changes
-        whole macroblocks, and the full planes would cost ~1 ms per I-frame.
+        On every 4th pixel of every 4th row (a macroblock's 4x4 sample), straight from the
+        two Y planes (`codec.changed_macroblocks`): a cut changes whole macroblocks, and the
+        full planes would cost ~1 ms per I-frame.
         """
         previous = self.previous_decoded
         if previous is None or (previous.width, previous.height) != (frame.width, frame.height):
             return False
-        step = MACROBLOCK // 4
-        valid = valid_pixels(-(-frame.width // step), -(-frame.height // step), 4)
-        changed = changed_groups(frame_to_luma(frame, MACROBLOCK, step),
-                                 frame_to_luma(previous, MACROBLOCK, step), 4, valid,
-                                 self.config.scene_cut_luma)
+        changed = changed_macroblocks(frame, previous, self.config.scene_cut_luma)
         return float(changed.mean()) >= self.config.scene_cut_share
 
     def add(self, frame: DecodedFrame, signal: FrameSignal) -> None:

@@ -347,3 +347,36 @@ def test_motion_vectors_array_equals_pyav_to_ndarray():
             assert (view == reference).all()
             compared += 1
     assert compared >= 20
+
+
+# --- the I-frame scene-cut test's macroblocks --------------------------------------------------
+
+def test_changed_macroblocks_are_the_mean_of_each_macroblocks_4x4_sample():
+    """codec.changed_macroblocks against each macroblock's mean |dY| over every 4th pixel of
+    every 4th row inside the frame, on a 200x120 picture (13 x 8 macroblocks, the last
+    column and row partial) whose right half changes from one frame to the next."""
+    from codecsight.codec import changed_macroblocks
+
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    second = first.copy()
+    second[:, 100:] = 255 - second[:, 100:]
+    decoded = decode_all([encode_h264(np.stack([first, second, second]), 12.5, gop=1)])[1]
+    a, b = (f.frame.to_ndarray(format="gray").astype(float)[::4, ::4] for f in decoded[:2])
+    expected = np.array([[abs(a[4 * r:4 * r + 4, 4 * c:4 * c + 4]
+                              - b[4 * r:4 * r + 4, 4 * c:4 * c + 4]).mean() > 20.0
+                          for c in range(13)] for r in range(8)])
+    changed = changed_macroblocks(decoded[1].frame, decoded[0].frame, 20.0)
+    assert changed.shape == (8, 13)
+    assert np.array_equal(changed, expected)
+    assert expected[:, 7:].all() and not expected[:, :6].any()    # the inverted half only
+    assert not changed_macroblocks(decoded[2].frame, decoded[1].frame, 20.0).any()
+
+
+def test_changed_macroblocks_refuses_frames_of_different_sizes(box_clip):
+    from codecsight.codec import changed_macroblocks
+
+    small = decode_all([encode_h264(box_clip[0][:1], 12.5, gop=1)])[1][0]
+    large = decode_all([encode_h264(np.zeros((1, 64, 96, 3), np.uint8), 12.5, gop=1)])[1][0]
+    with pytest.raises(ValueError, match="different sizes"):
+        changed_macroblocks(small.frame, large.frame, 20.0)

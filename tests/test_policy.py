@@ -1,10 +1,13 @@
 """Codec signals, pruning masks and the policy switch, without a server."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from codecsight.checkpoint import Geometry
-from codecsight.codec import FrameSampler, StreamDecoder, frame_to_rgb, macroblock_signals
+from codecsight.codec import (FrameSampler, MacroblockSignals, StreamDecoder, frame_to_rgb,
+                              macroblock_signals)
 from codecsight.llm import VisualLM, split_frames
 from codecsight.parser import StreamParser
 from codecsight.policy import (POLICIES, PruningConfig, changed_groups,
@@ -128,6 +131,148 @@ def test_b_frames_in_a_pan_flag_only_the_object():
         assert flags.mean() < 3 * truth.moving[f.index].mean()
         # panning right moves the scene left on screen, 3 px per frame of distance
         assert global_motion[0] in (-3.0, -6.0)
+
+
+# --- the batched signals against the obvious per-frame reading -------------------------------
+
+CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
+
+
+def reference_signals(motion_vectors, width, height, threshold_px, bidirectional):
+    """macroblock_signals the obvious way: one frame at a time, one vector at a time.
+
+    Per frame: the median motion of each reference direction (np.median of every
+    (n // 256)-th vector when n > 256; taken as 0 without a median where most of a frame's
+    vectors are 0 on that axis and it has no future references), subtracted; a vector
+    moves if what is left reaches threshold_px; a macroblock with no vector is intra.
+    """
+    mb_h, mb_w = -(-height // 16), -(-width // 16)
+    moving = np.zeros((len(motion_vectors), mb_h, mb_w), bool)
+    intra = np.ones_like(moving)
+    global_motion = np.zeros((len(motion_vectors), 2))
+
+    def median(values):
+        return float(np.median(values[::len(values) // 256] if len(values) > 256 else values))
+
+    for k, (mv, may_be_b) in enumerate(zip(motion_vectors, bidirectional)):
+        if mv is None or not len(mv):
+            continue
+        x, y = mv["motion_x"].astype(float), mv["motion_y"].astype(float)
+        future = mv["source"] > 0 if may_be_b else np.zeros(len(mv), bool)
+        if future.any():
+            past = ~future
+            px, py = (median(x[past]), median(y[past])) if past.any() else (0.0, 0.0)
+            fx, fy = median(x[future]), median(y[future])
+            offset_x, offset_y = np.where(future, fx, px), np.where(future, fy, py)
+            # the scene moved -(past motion), or +(future motion) with no past reference
+            gx, gy = (-px, -py) if past.any() else (fx, fy)
+        else:
+            px = 0.0 if (x == 0).sum() * 2 > len(x) else median(x)
+            py = 0.0 if (y == 0).sum() * 2 > len(y) else median(y)
+            offset_x, offset_y = np.full(len(mv), px), np.full(len(mv), py)
+            gx, gy = -px, -py
+        scale = float(mv["motion_scale"][0])
+        global_motion[k] = gx / scale, gy / scale
+        for i in range(len(mv)):
+            row = min(int(mv["dst_y"][i]) // 16, mb_h - 1)
+            col = min(int(mv["dst_x"][i]) // 16, mb_w - 1)
+            intra[k, row, col] = False
+            if (x[i] - offset_x[i]) ** 2 + (y[i] - offset_y[i]) ** 2 >= (threshold_px * scale) ** 2:
+                moving[k, row, col] = True
+    return moving, intra, global_motion
+
+
+@pytest.fixture(scope="module")
+def real_streams():
+    """Real H.264 decoded as codec_parser decodes it: the bundled clip (P-frames, a
+    shaking camera: most frames have a global motion) and a generated pan with B-frames."""
+    streams = {}
+    if CAR.exists():
+        from codecsight_client.demux import iter_chunks
+
+        decoder = StreamDecoder()
+        frames = []
+        for c in iter_chunks(str(CAR), 4.0):
+            frames += decoder.feed(c.data, au_bytes=list(c.au_sizes), au_pts=list(c.au_pts))
+        streams["car"] = frames + decoder.flush()
+    frames, _ = moving_boxes(60, W, H, boxes=[BOX], seed=1, pan_px_per_frame=3, noise_sigma=2.0)
+    streams["pan with B-frames"] = decode(encode_h264(frames, FPS, gop=30, bframes=2))
+    return streams
+
+
+def test_batched_signals_equal_the_per_frame_per_vector_reading_on_real_h264(real_streams):
+    for name, frames in real_streams.items():
+        coded = [f for f in frames if f.pict_type != "I"]
+        width, height = frames[0].width, frames[0].height
+        moved = 0
+        for first in range(0, len(coded), 64):     # codec_parser's batches
+            batch = coded[first:first + 64]
+            vectors = [f.motion_vectors for f in batch]
+            types = [f.pict_type == "B" for f in batch]
+            got = macroblock_signals(vectors, width, height, 1.0, types)
+            moving, intra, global_motion = reference_signals(vectors, width, height, 1.0, types)
+            assert np.array_equal(got.moving, moving), name
+            assert np.array_equal(got.intra, intra), name
+            assert np.array_equal(got.global_motion_px, global_motion.astype(np.float32)), name
+            moved += int((global_motion != 0).any(axis=1).sum())
+        assert moved >= len(coded) // 4, f"{name}: too few frames exercise the median"
+
+
+def reference_changed_wholesale(masks, frame):
+    """The I-frame scene-cut test the obvious way: each macroblock's mean |dY| over its 4x4
+    sample of pixels inside the frame, macroblock by macroblock."""
+    previous = masks.previous_decoded
+    if previous is None or (previous.width, previous.height) != (frame.width, frame.height):
+        return False
+    a = frame.to_ndarray(format="gray").astype(float)[::4, ::4]
+    b = previous.to_ndarray(format="gray").astype(float)[::4, ::4]
+    rows, cols = -(-frame.height // 16), -(-frame.width // 16)
+    changed = [abs(a[4 * r:4 * r + 4, 4 * c:4 * c + 4] - b[4 * r:4 * r + 4, 4 * c:4 * c + 4]
+                   ).mean() > masks.config.scene_cut_luma
+               for r in range(rows) for c in range(cols)]
+    return float(np.mean(changed)) >= masks.config.scene_cut_share
+
+
+def test_codec_keeps_equal_those_of_the_obvious_reading_on_real_h264(geometry, real_streams,
+                                                                    monkeypatch):
+    """The kept merge groups and whole-frame reasons of every sampled frame, from the
+    batched signals and scene-cut test, equal those of reference_signals and
+    reference_changed_wholesale (each frame alone), on the bundled clip and a clip with
+    B-frames, fed as codec_parser gets them."""
+    from codecsight import policy
+    from codecsight.tools.synth import encode_h264 as encode
+
+    def reference_batch(vectors, width, height, threshold_px, bidirectional):
+        moving, intra, global_motion = reference_signals(vectors, width, height, threshold_px,
+                                                        bidirectional)
+        return MacroblockSignals(moving, intra, global_motion.astype(np.float32))
+
+    # a still camera (a pan keeps every group: nothing to compare) with B-frames
+    frames, _ = moving_boxes(60, W, H, boxes=[BOX], seed=1, noise_sigma=2.0)
+    clips = {"B-frames": [encode(frames[i:i + 30], FPS, gop=30, bframes=2) for i in (0, 30)]}
+    if CAR.exists():
+        from codecsight_client.demux import iter_chunks
+
+        clips["car"] = list(iter_chunks(str(CAR), 4.0))
+
+    def run(chunks):
+        parser = StreamParser(geometry, "h264", FPS, 2.0, policy="codec")
+        out = []
+        for i, c in enumerate(chunks):
+            final = i == len(chunks) - 1
+            result = parser.parse(c, final=final) if isinstance(c, bytes) else parser.parse(
+                c.data, final=final, au_bytes=list(c.au_sizes), au_pts=list(c.au_pts))
+            out += [(k.tolist(), why) for k, why in zip(result.keep, result.whole_frame)]
+        return out
+
+    batched = {name: run(chunks) for name, chunks in clips.items()}
+    monkeypatch.setattr(policy, "macroblock_signals", reference_batch)
+    monkeypatch.setattr(policy.StreamMasks, "_changed_wholesale", reference_changed_wholesale)
+    for name, chunks in clips.items():
+        reference = run(chunks)
+        assert len(reference) >= 10 and batched[name] == reference, name
+        kept = sum(np.sum(k) for k, _ in reference)
+        assert 0 < kept < sum(np.size(k) for k, _ in reference), name   # pruned, not empty
 
 
 # --- masks ------------------------------------------------------------------------------------
