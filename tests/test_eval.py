@@ -174,7 +174,7 @@ def test_paired_drop_compares_two_runs_on_the_same_windows():
 
 
 def test_a_run_is_compared_request_by_request_with_a_reference_run_full_refresh():
-    """--against: F1 drop, tokens per window (all and slid), same answer and first-token KL."""
+    """--against: F1 drop, tokens per window (all, and those that reuse cached rows), same answer and first-token KL."""
     import numpy as np
 
     def rec(clip, window, refresh, answer, tokens, reused, logits):
@@ -189,18 +189,18 @@ def test_a_run_is_compared_request_by_request_with_a_reference_run_full_refresh(
                      120 if w == 0 else 30, 0 if w == 0 else 90,
                      sure if w < 3 else unsure) for c in (1, 2) for w in range(4)]
     row, = ev.against_reference(full, selective)
-    assert (row["policy"], row["refresh"], row["requests"], row["slid"]) == \
+    assert (row["policy"], row["refresh"], row["requests"], row["reusing"]) == \
         ("codec", "selective", 8, 6)
     assert row["tasks"]["presence"]["f1"] == round(2 * 7 / (2 * 7 + 1), 4)
     assert row["token_share"] == round(52.5 / 120, 4)        # (120 + 3 x 30) / 4 per clip
-    assert row["token_share_slid"] == 0.25
+    assert row["token_share_reusing"] == 0.25
     assert row["same_answer"] == 7 / 8
     p = np.exp(sure) / np.exp(sure).sum()
     q = np.exp(unsure) / np.exp(unsure).sum()
     kl = float((p * np.log(p / q)).sum())
     assert ev.first_token_kl(sure, unsure) == pytest.approx(kl)
     assert ev.first_token_kl(sure, sure) == 0.0
-    assert row["kl_mean"] == pytest.approx(2 * kl / 6, abs=1e-5)   # 2 of 6 slid windows differ
+    assert row["kl_mean"] == pytest.approx(2 * kl / 6, abs=1e-5)   # 2 of the 6 reusing windows differ
     assert row["kl_max"] == pytest.approx(kl, abs=1e-5)
     table = ev.against_markdown([row], {"server_overrides": {
         "llm_prefill": {"anchor_refresh_frames": 0}}})

@@ -277,10 +277,11 @@ def against_reference(reference: list[dict], records: list[dict],
     (e.g. `--refresh full`), records: this run's (e.g. `--refresh selective` served with some
     anchor_refresh_frames). Per combination: `paired_drop` per task (points, positive =
     records worse, paired 95% interval over whole clips), tokens prefilled per window on both
-    sides and their share (all windows, and the windows where this side reused KV rows, i.e.
-    the window had slid), the share of requests with the same answer, and, when both runs
-    carry first_logits (`--first-logits`), the KL(reference || this) of the first answer
-    token in nats, mean and max over the slid windows.
+    sides and their share (all windows, and the windows where this side reused cached KV
+    rows: every request after a stream's first under selective refresh), the share of
+    requests with the same answer, and, when both runs carry first_logits
+    (`--first-logits`), the KL(reference || this) of the first answer token in nats, mean
+    and max over the windows that reused rows.
     Raises ValueError when a combination's requests are not all in the reference.
     """
     def key(r):
@@ -297,9 +298,9 @@ def against_reference(reference: list[dict], records: list[dict],
                              f"task {missing[0]}) have no {policy}/{reference_refresh} answer "
                              "in the reference run; run both on the same clips and stride")
         theirs = [by_key[key(r)] for r in mine]
-        slid = [(a, b) for a, b in zip(theirs, mine) if b["tokens_reused"] > 0]
+        reusing = [(a, b) for a, b in zip(theirs, mine) if b["tokens_reused"] > 0]
         row = {"policy": policy, "refresh": refresh, "reference_refresh": reference_refresh,
-               "requests": len(mine), "slid": len(slid),
+               "requests": len(mine), "reusing": len(reusing),
                "tasks": paired_drop(theirs, mine),
                "tokens_reference": round(float(np.mean([r["tokens_prefilled"]
                                                         for r in theirs])), 1),
@@ -307,14 +308,14 @@ def against_reference(reference: list[dict], records: list[dict],
                "same_answer": round(float(np.mean([a["answer"] == b["answer"]
                                                    for a, b in zip(theirs, mine)])), 4)}
         row["token_share"] = round(row["tokens"] / max(1e-9, row["tokens_reference"]), 4)
-        if slid:
-            ref_slid = float(np.mean([a["tokens_prefilled"] for a, _ in slid]))
-            row["tokens_reference_slid"] = round(ref_slid, 1)
-            row["tokens_slid"] = round(float(np.mean([b["tokens_prefilled"]
-                                                      for _, b in slid])), 1)
-            row["token_share_slid"] = round(row["tokens_slid"] / max(1e-9, ref_slid), 4)
-            if all("first_logits" in a and "first_logits" in b for a, b in slid):
-                kl = [first_token_kl(a["first_logits"], b["first_logits"]) for a, b in slid]
+        if reusing:
+            ref_reusing = float(np.mean([a["tokens_prefilled"] for a, _ in reusing]))
+            row["tokens_reference_reusing"] = round(ref_reusing, 1)
+            row["tokens_reusing"] = round(float(np.mean([b["tokens_prefilled"]
+                                                      for _, b in reusing])), 1)
+            row["token_share_reusing"] = round(row["tokens_reusing"] / max(1e-9, ref_reusing), 4)
+            if all("first_logits" in a and "first_logits" in b for a, b in reusing):
+                kl = [first_token_kl(a["first_logits"], b["first_logits"]) for a, b in reusing]
                 row["kl_mean"] = round(float(np.mean(kl)), 5)
                 row["kl_max"] = round(float(np.max(kl)), 5)
         out.append(row)
@@ -328,10 +329,10 @@ def against_markdown(rows: list[dict], meta: dict) -> str:
         "anchor_refresh_frames", "config.pbtxt's")
     lines = ["", f"Against the reference run's full refresh on the same requests (anchor_refresh_"
              f"frames {anchors}): F1 (drop in points, positive = worse [95% interval, whole "
-             "clips resampled]); tokens prefilled per window, all windows and the windows "
-             "that slid; KL(full || this) of the first answer token over the slid windows.",
+             "clips resampled]); tokens prefilled per window, all windows and those that "
+             "reused cached rows; KL(full || this) of the first answer token over the latter.",
              "", "| policy | refresh | " + " | ".join(f"{t} F1 (drop)" for t in tasks)
-             + " | tokens full / this (share) | slid: full / this (share) | KL mean (max) "
+             + " | tokens full / this (share) | reused: full / this (share) | KL mean (max) "
              "| same answer |", "|" + "---|" * (len(tasks) + 6)]
     for r in rows:
         cells = [r["policy"], r["refresh"]]
@@ -341,9 +342,9 @@ def against_markdown(rows: list[dict], meta: dict) -> str:
                          f"{d['f1']:.2f} ({d['drop']:+.1f} [{d['interval'][0]:+.1f}, "
                          f"{d['interval'][1]:+.1f}])")
         cells.append(f"{r['tokens_reference']:.0f} / {r['tokens']:.0f} ({r['token_share']:.2f})")
-        cells.append("-" if "token_share_slid" not in r else
-                     f"{r['tokens_reference_slid']:.0f} / {r['tokens_slid']:.0f} "
-                     f"({r['token_share_slid']:.2f})")
+        cells.append("-" if "token_share_reusing" not in r else
+                     f"{r['tokens_reference_reusing']:.0f} / {r['tokens_reusing']:.0f} "
+                     f"({r['token_share_reusing']:.2f})")
         cells.append("-" if "kl_mean" not in r else f"{r['kl_mean']:.3f} ({r['kl_max']:.2f})")
         cells.append(f"{100 * r['same_answer']:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
