@@ -345,3 +345,26 @@ def test_bench_reports_vit_patches_and_llm_tokens_apart():
     assert ratios[1]["llm_tokens_kept"] == pytest.approx(717 / 1792)
     table = bench.format_table(records, ratios)
     assert "LLM tok %" in table and "40.0" in table
+
+
+@pytest.mark.server
+def test_a_server_with_a_bad_video_pruning_rate_refuses_to_start_saying_why(tmp_path):
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from codecsight.serve import (DEFAULT_MODEL_DIR, ServerError, TritonServer, build,
+                                  render_repository)
+
+    source = build()
+    dest = render_repository(source, tmp_path / "repository", DEFAULT_MODEL_DIR)
+    shutil.copy(source / "vit_pruned" / "1" / "model.onnx", dest / "vit_pruned" / "1")
+    path = dest / "llm_prefill" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.parameters["video_pruning_rate"].string_value = "1.0"   # vLLM's range is [0, 1)
+    path.write_text(text_format.MessageToString(config))
+    with pytest.raises(ServerError, match=r"(?s)failed to load 'llm_prefill'.*parameter "
+                                          r"video_pruning_rate '1\.0' is not in \[0\.0, 1\.0\)"):
+        with TritonServer(dest, log_path=tmp_path / "tritonserver.log"):
+            pass
