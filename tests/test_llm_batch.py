@@ -353,3 +353,107 @@ def test_a_prefill_followed_by_the_question_writes_its_rows_in_place():
     appended = Prefill(embeds, torch.zeros(3, 3, dtype=torch.int64), None, 5).then(
         torch.ones(2, 4), torch.zeros(3, 2, dtype=torch.int64), 8)
     assert appended.rows is None and appended.keep == 5 and len(appended.embeds) == 5
+
+
+# -- served: several streams' requests in one llm_prefill execution ------------------------
+
+# llm_prefill's batcher here waits up to this long for a batch of BATCHED streams, so the
+# streams sent at once reach one execute call (served default: 1 ms, preferred batch 4).
+HOLD_US, BATCHED = 400_000, 4
+SERVED_STREAMS = [  # (policy, refresh, question): different rows, question lengths, policies
+    ("codec", "selective", QUESTIONS[0]), ("dense", "full", QUESTIONS[1]),
+    ("codec", "full", QUESTIONS[2]), ("dense", "selective", QUESTIONS[3])]
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    """The demo repository served with report_first_logits on and a batcher that holds
+    requests long enough to batch the streams sent together."""
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from codecsight.serve import TritonServer, build, render_repository
+
+    source = build()
+    dest = render_repository(source, tmp_path_factory.mktemp("batching") / "repository",
+                             DEFAULT_MODEL_DIR)
+    shutil.copy(source / "vit_pruned" / "1" / "model.onnx", dest / "vit_pruned" / "1")
+    path = dest / "llm_prefill" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.parameters["report_first_logits"].string_value = "true"
+    config.sequence_batching.oldest.max_queue_delay_microseconds = HOLD_US
+    del config.sequence_batching.oldest.preferred_batch_size[:]
+    config.sequence_batching.oldest.preferred_batch_size.append(BATCHED)
+    path.write_text(text_format.MessageToString(config))
+    log = tmp_path_factory.mktemp("batching-log") / "tritonserver.log"
+    with TritonServer(dest, log_path=log) as server:
+        yield server
+
+
+@pytest.mark.server
+def test_served_streams_batched_in_one_execution_answer_as_alone(batching_server):
+    import itertools
+
+    from codecsight_client.demux import iter_chunks
+    from codecsight_client.stream import connect, run_stream
+
+    from streams import CLIP, clip_settings, new_id
+
+    chunks = list(itertools.islice(iter_chunks(CLIP, 2.0), 3))   # 6 s: 3 windows each
+
+    def stream(name, policy, refresh, question):
+        settings = clip_settings(question=question, analysis_fps=2.0, window_seconds=4.0,
+                                 policy=policy, refresh=refresh)
+        return run_stream(connect(batching_server.grpc_url), new_id(name), settings, chunks)
+
+    alone = [stream(f"alone-{i}", *s) for i, s in enumerate(SERVED_STREAMS)]
+    with concurrent.futures.ThreadPoolExecutor(len(SERVED_STREAMS)) as pool:
+        together = list(pool.map(lambda a: stream(f"together-{a[0]}", *a[1]),
+                                 enumerate(SERVED_STREAMS)))
+    sizes = [w.llm.batch_size for windows in together for w in windows]
+    print(f"\nllm_prefill batch sizes, streams sent together: {sizes}; alone: "
+          f"{[w.llm.batch_size for windows in alone for w in windows]}")
+    assert max(sizes) > 1
+    diffs = []
+    for solo, batch in zip(alone, together):
+        assert len(solo) == len(batch) == len(chunks)
+        for a, b in zip(solo, batch):
+            assert b.answer == a.answer and b.llm.answer_tokens == a.llm.answer_tokens
+            assert (b.llm.tokens_prefilled, b.llm.tokens_reused, b.llm.kv_rows) == (
+                a.llm.tokens_prefilled, a.llm.tokens_reused, a.llm.kv_rows)
+            diffs.append(float(np.abs(np.subtract(b.llm.first_logits,
+                                                  a.llm.first_logits)).max()))
+    print(f"first logits max |together - alone| {max(diffs):.2g}")
+    # The served exactness tolerance (tests/test_families_served.py).
+    assert max(diffs) <= 1e-4
+
+
+# -- the benchmark's code path (perf/bench_prefill_batch.py), on a tiny input --------------
+
+
+def test_the_prefill_batch_benchmark_runs_and_compares_both_paths(tiny_dir, tmp_path):
+    """Both sides in their own processes (this tree stands in for the base checkout): 6 s of
+    the clip at a small pixel budget, 2 streams, a 2 s window."""
+    import importlib.util
+    import json
+
+    from codecsight.serve import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_prefill_batch", REPO_ROOT / "perf" / "bench_prefill_batch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "prefill_batch"
+    assert bench.main(["--model-dir", str(tiny_dir), "--base", str(REPO_ROOT), "--streams", "2",
+                       "--policies", "codec", "--refresh", "selective", "--seconds", "6",
+                       "--window", "2", "--rounds", "1", "--max-pixels", "65536",
+                       "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    (row,) = result["rows"]
+    assert row["streams"] == 2 and row["timed_windows"] == 2
+    assert row["wall_ms_before"] > 0 and row["cpu_ms_after"] > 0
+    # 3 requests, stream 1 one behind stream 0: 2 rounds x 2 streams, all answered alike.
+    assert row["answers"] == 4 and row["same_answers"] == 4
+    assert "| codec | selective | 2 |" in out.with_suffix(".md").read_text()
