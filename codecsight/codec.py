@@ -550,6 +550,48 @@ def _median(values: np.ndarray) -> float:
     return float(part[half]) if n % 2 else float(0.5 * (part[half - 1] + part[half]))
 
 
+def _direction_medians(dx: np.ndarray, dy: np.ndarray, future: np.ndarray,
+                       starts: np.ndarray, sizes: np.ndarray, ahead: np.ndarray,
+                       split: np.ndarray) -> np.ndarray:
+    """_median of each split frame's past and future vectors: float64 [4, S] (past x, past
+    y, future x, future y; past 0 where a frame has no past reference).
+
+    dx, dy: int [N], future: bool [N], starts/sizes/ahead (future vectors): int [F], split:
+    bool [F] (ahead > 0). A median is provably 0, without sorting, where the sampled values
+    (every (n // _MEDIAN_SAMPLES)-th of the direction's n, as _median takes them) have both
+    middle order statistics 0: at most that many negatives below them and enough zeros to
+    reach them. With a still camera that is every one, so B-frames cost no per-frame call;
+    the others take _median on their own rows.
+    """
+    frames = len(sizes)
+    owner = np.repeat(np.arange(frames), sizes)
+    segment = 2 * owner + future                                 # (frame, direction)
+    counts = np.stack([sizes - ahead, ahead], axis=1).ravel()    # [2F]
+    step = np.where(counts > _MEDIAN_SAMPLES, counts // _MEDIAN_SAMPLES, 1)
+    sampled = np.ones(len(dx), bool)
+    if (step > 1).any():
+        # each vector's rank among its frame's vectors of the same direction
+        futures_before = np.cumsum(future) - future
+        rank_future = futures_before - futures_before[starts][owner]
+        rank = np.where(future, rank_future, np.arange(len(dx)) - starts[owner] - rank_future)
+        thinned = step[segment] > 1
+        sampled[thinned] = rank[thinned] % step[segment[thinned]] == 0
+    kept = -(-counts // step)
+    low, high = np.maximum((kept - 1) // 2, 0), kept // 2        # the middle ranks
+    out = np.zeros((4, int(split.sum())))
+    for axis, values in enumerate((dx, dy)):
+        picked = segment[sampled & (values < 0)], segment[sampled & (values == 0)]
+        negative, zero = (np.bincount(p, minlength=2 * frames) for p in picked)
+        provably_zero = (negative <= low) & (negative + zero > high)
+        for j, i in enumerate(np.flatnonzero(split).tolist()):
+            start, size = starts[i], sizes[i]
+            for direction in (0, 1):
+                if counts[2 * i + direction] and not provably_zero[2 * i + direction]:
+                    rows = start + np.flatnonzero(future[start:start + size] == direction)
+                    out[axis + 2 * direction, j] = _median(values[rows])
+    return out
+
+
 def macroblock_grid(width: int, height: int) -> tuple[int, int]:
     """(rows, columns) of 16x16 macroblocks covering a width x height frame."""
     return -(-height // MACROBLOCK), -(-width // MACROBLOCK)
@@ -623,33 +665,38 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
     median_y = np.zeros(len(frames), np.float32)
     zero_x = np.add.reduceat(dx == 0, starts) * 2 > sizes
     zero_y = np.add.reduceat(dy == 0, starts) * 2 > sizes
-    future_rows = []   # B-frames: (rows, their own median - the frame's, frame)
     maybe_future = np.ones(len(frames), bool) if bidirectional is None else \
         np.array([bidirectional[k] for k in present], bool)
-    for i in np.flatnonzero(maybe_future | ~zero_x | ~zero_y).tolist():
+    # B-frames with future references get a median per direction ("split" frames).
+    split = np.zeros(len(frames), bool)
+    if maybe_future.any():
+        future = np.concatenate([m["source"] for m in frames]) > 0
+        if not maybe_future.all():
+            future &= np.repeat(maybe_future, sizes)
+        ahead = np.add.reduceat(future, starts)           # future-referencing vectors
+        split = ahead > 0
+    rest_x = np.zeros(len(frames))   # split frames: future median - past median
+    rest_y = np.zeros(len(frames))
+    if split.any():
+        medians = _direction_medians(dx, dy, future, starts, sizes, ahead, split)
+        median_x[split], median_y[split] = medians[0], medians[1]
+        rest_x[split] = medians[2] - median_x[split]
+        rest_y[split] = medians[3] - median_y[split]
+    for i in np.flatnonzero(~split & (~zero_x | ~zero_y)).tolist():
         start, size = starts[i], sizes[i]
-        future = frames[i]["source"] > 0 if maybe_future[i] else None
-        if future is not None and future.any():
-            past_rows = start + np.flatnonzero(~future)
-            ahead = start + np.flatnonzero(future)
-            if len(past_rows):
-                median_x[i], median_y[i] = _median(dx[past_rows]), _median(dy[past_rows])
-            future_rows.append((ahead, _median(dx[ahead]) - median_x[i],
-                                _median(dy[ahead]) - median_y[i], i))
-            continue
         if not zero_x[i]:
             median_x[i] = _median(dx[start:start + size])
         if not zero_y[i]:
             median_y[i] = _median(dy[start:start + size])
-    if median_x.any() or median_y.any() or future_rows:
+    if median_x.any() or median_y.any() or rest_x.any() or rest_y.any():
         dx = dx - np.repeat(median_x, sizes)
         dy = dy - np.repeat(median_y, sizes)
-        for rows, rest_x, rest_y, i in future_rows:
-            dx[rows] -= rest_x
-            dy[rows] -= rest_y
-            if median_x[i] == median_y[i] == 0 and len(rows) == sizes[i]:
-                # only future references: the scene moved +v towards the future one
-                median_x[i], median_y[i] = -rest_x, -rest_y
+        if rest_x.any() or rest_y.any():
+            dx[future] -= np.repeat(rest_x[split], ahead[split])
+            dy[future] -= np.repeat(rest_y[split], ahead[split])
+            # only future references: the scene moved +v towards the future one
+            only = split & (ahead == sizes) & (median_x == 0) & (median_y == 0)
+            median_x[only], median_y[only] = -rest_x[only], -rest_y[only]
     # vectors point from the block to its source in the past: the scene moved -v
     global_motion[present] = np.stack([-median_x / scale, -median_y / scale], axis=1)
 
@@ -661,16 +708,14 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
     else:
         limit = np.repeat(limit, sizes)
     fast = dx * dx + dy * dy >= limit
-    # dst_x/dst_y are partition centres, inside their macroblock (clipped for safety);
-    # >> 4 is // 16 at a third of the cost on int16. One ravel_multi_index pass gives the
-    # flat (frame, row, column) index, as intp: numpy's fancy indexing casts any other
-    # index type first (twice the time of the scatter itself).
-    centre = np.empty((2, len(fast)), frames[0].dtype["dst_y"])
-    np.concatenate([m["dst_y"] for m in frames], out=centre[0])
-    np.concatenate([m["dst_x"] for m in frames], out=centre[1])
-    centre >>= 4
-    index = np.ravel_multi_index((np.repeat(np.array(present, np.intp), sizes), *centre),
-                                 shape, mode="clip")
+    # dst_x/dst_y are partition centres, inside their macroblock (clamped for safety);
+    # >> 4 is // 16 at a third of the cost on int16
+    row = np.minimum(np.concatenate([m["dst_y"] for m in frames]) >> 4, mb_h - 1)
+    col = np.minimum(np.concatenate([m["dst_x"] for m in frames]) >> 4, mb_w - 1)
+    # intp: row * mb_w overflows int16 past 32767 macroblocks (8K), and numpy's fancy
+    # indexing casts any other index type first (twice the time of the scatter itself)
+    index = np.repeat(np.array(present, np.intp) * (mb_h * mb_w), sizes) + \
+        row.astype(np.intp) * mb_w + col
     cells = shape[0] * mb_h * mb_w
     moving = np.zeros(cells, bool)
     moving[index[fast]] = True
