@@ -197,6 +197,9 @@ def real_streams():
         streams["car"] = frames + decoder.flush()
     frames, _ = moving_boxes(60, W, H, boxes=[BOX], seed=1, pan_px_per_frame=3, noise_sigma=2.0)
     streams["pan with B-frames"] = decode(encode_h264(frames, FPS, gop=30, bframes=2))
+    # a still camera: every B-frame median is 0 (found without sorting)
+    frames, _ = moving_boxes(60, W, H, boxes=[BOX], seed=1, noise_sigma=2.0)
+    streams["still camera with B-frames"] = decode(encode_h264(frames, FPS, gop=30, bframes=2))
     return streams
 
 
@@ -215,7 +218,8 @@ def test_batched_signals_equal_the_per_frame_per_vector_reading_on_real_h264(rea
             assert np.array_equal(got.intra, intra), name
             assert np.array_equal(got.global_motion_px, global_motion.astype(np.float32)), name
             moved += int((global_motion != 0).any(axis=1).sum())
-        assert moved >= len(coded) // 4, f"{name}: too few frames exercise the median"
+        if name != "still camera with B-frames":
+            assert moved >= len(coded) // 4, f"{name}: too few frames exercise the median"
 
 
 def reference_changed_wholesale(masks, frame):
