@@ -209,7 +209,7 @@ def test_qwen2_vl_pairs_equal_the_stock_forward(q2_dir):
                                         g.merge_size, g.temporal_patch_size)
     np.testing.assert_allclose(patches, reference, atol=1e-6, rtol=0)
     tokens = family.vision_tower(model).encode(patches, positions)
-    meta = np.array([[t, 2 * t, 1000 * t, FRAME_TYPES["P"], 4, 5, 20] for t in range(3)],
+    meta = np.array([[t, 2 * t, 1000 * t, FRAME_TYPES["P"], 4, 5, 20, 0] for t in range(3)],
                     np.int64).reshape(-1, len(FRAME_META_COLUMNS))
     vlm = VisualLM(model, tokenizer, 4, family=family)
     ours = vlm.answer_full(split_frames(tokens, positions, meta, 2), QUESTION).first_logits

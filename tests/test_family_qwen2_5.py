@@ -61,7 +61,7 @@ def pairs(frames, geometry, keep=None):
 
 
 def window_frames(tokens, positions, groups_per_pair, grid=(GROUPS_H, GROUPS_W)):
-    rows = [[t, 2 * t, 1000 * t, FRAME_TYPES["P"], grid[0], grid[1], n]
+    rows = [[t, 2 * t, 1000 * t, FRAME_TYPES["P"], grid[0], grid[1], n, 0]   # 0: no token_pruning
             for t, n in enumerate(groups_per_pair)]
     meta = np.array(rows, np.int64).reshape(-1, len(FRAME_META_COLUMNS))
     return split_frames(tokens, positions, meta, 2)
