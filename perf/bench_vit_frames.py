@@ -169,6 +169,8 @@ def measure(policy: str, chunk_sets: list, streams: int, args, encoder, base,
     after_shapes = [s for sets in calls
                     for s in plan_of(after, sets, max_patches, base)[1:]]
     ms = {v: 1000 * s / max(frames, 1) for v, s in seconds.items()}
+    executions = {v: sum(len(plan_of(v, sets, max_patches, base)) - 1 for sets in calls)
+                  for v in variants}
     row = {
         "policy": policy, "streams": streams, "calls": len(calls), "frames": frames,
         "patches_per_frame": round(patches / max(frames, 1), 1),
@@ -178,6 +180,7 @@ def measure(policy: str, chunk_sets: list, streams: int, args, encoder, base,
         "after_mean_items": round(float(np.mean([b for b, _ in after_shapes])), 2)
         if after_shapes else 0,
         "ms_per_frame": {v: round(x, 2) for v, x in ms.items()},
+        "executions": executions,
         "vs_alone": {v: round(x / ms["alone"], 3) if ms["alone"] else None
                      for v, x in ms.items()},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -192,26 +195,27 @@ def measure(policy: str, chunk_sets: list, streams: int, args, encoder, base,
 
 def sweep(frame: tuple[np.ndarray, np.ndarray], encoder, base, max_patches: int,
           repeats: int, sizes=SWEEP_N) -> list[dict]:
-    """ms per frame against N: k frames of N patches (a dense frame's first N), encoded
-    alone, packed in one execution (before) and as one [k, N] batch (after)."""
+    """ms per frame against N: k = max_patches // N frames of N patches (a dense frame's
+    first N), each encoded alone, packed into one execution of k * N (before) and as one
+    [k, N] batch (after)."""
     patches, positions = frame
     rows = []
     for n in sizes:
         if n > min(len(patches), max_patches):
             continue
-        for k in sorted({1, max(1, max_patches // n)}):
-            sets = [(patches[:n], np.concatenate([positions[:n, :1] + i, positions[:n, 1:]], 1))
-                    for i in range(k)]
-            load = os.getloadavg()[0]
-            seconds = time_calls(["alone", "before", "pad-0"], [sets], encoder, max_patches,
-                                 base, repeats)
-            ms = {v: round(1000 * s / k, 2) for v, s in seconds.items()}
-            rows.append({"n": n, "frames": k, "before_execution_n": k * n,
-                         "ms_per_frame": ms, "us_per_patch_alone": round(1000 * ms["alone"] / n, 1),
-                         "before_vs_alone": round(ms["before"] / ms["alone"], 3),
-                         "after_vs_alone": round(ms["pad-0"] / ms["alone"], 3),
-                         "load_average": round(load, 2)})
-            print(f"[vit-frames] sweep N={n} x{k}: ms/frame {ms}; load {load:.2f}", flush=True)
+        k = max_patches // n
+        sets = [(patches[:n], np.concatenate([positions[:n, :1] + i, positions[:n, 1:]], 1))
+                for i in range(k)]
+        load = os.getloadavg()[0]
+        seconds = time_calls(["alone", "before", "pad-0"], [sets], encoder, max_patches,
+                             base, repeats)
+        ms = {v: round(1000 * s / k, 2) for v, s in seconds.items()}
+        rows.append({"n": n, "frames": k, "before_execution_n": k * n,
+                     "ms_per_frame": ms, "us_per_patch_alone": round(1000 * ms["alone"] / n, 1),
+                     "before_vs_alone": round(ms["before"] / ms["alone"], 3),
+                     "after_vs_alone": round(ms["pad-0"] / ms["alone"], 3),
+                     "load_average": round(load, 2)})
+        print(f"[vit-frames] sweep N={n} x{k}: ms/frame {ms}; load {load:.2f}", flush=True)
     return rows
 
 
@@ -229,15 +233,17 @@ def markdown(report: dict) -> str:
            "(each frame in its own execution) of the same frames in the same run.",
            "",
            "| policy | streams | frames | patches/frame | before: executions x mean N "
+           "| executions: before / " + " / ".join(f"pad-{p:g}" for p in report["paddings"]) + " "
            "| alone ms/frame | before ms/frame | before/alone | per-stream/alone "
            + "".join(f"| pad-{p:g}/alone " for p in report["paddings"])
            + "| after ms/frame | target after/alone <= 1.25 | load |",
-           "|---" * (12 + len(report["paddings"])) + "|"]
+           "|---" * (13 + len(report["paddings"])) + "|"]
     for r in report["rows"]:
         v = r["vs_alone"]
         out.append(
             f"| {r['policy']} | {r['streams']} | {r['frames']} | {r['patches_per_frame']} "
             f"| {r['before_executions']} x {r['before_mean_n']} "
+            f"| {' / '.join(str(r['executions'][x]) for x in ['before'] + [f'pad-{p:g}' for p in report['paddings']])} "
             f"| {r['ms_per_frame']['alone']} | {r['ms_per_frame']['before']} | {v['before']} "
             f"| {v.get('per-stream', '=before')} "
             + "".join(f"| {v[f'pad-{p:g}']} " for p in report["paddings"])
@@ -245,8 +251,10 @@ def markdown(report: dict) -> str:
             f"({v[after]}) | {r['load_average'][0]}-{r['load_average'][1]} |")
     if report.get("sweep"):
         out += ["", "## ms per frame against N", "",
-                "k frames of N patches each (a dense frame's first N): `before` runs them as "
-                "one packed execution of k x N patches, `after` as one [k, N] batch.", "",
+                "k = max_patches // N frames of N patches each (a dense frame's first N): "
+                "`alone` encodes each in its own execution, `before` packs them into one "
+                f"execution of k x N patches, `after` runs one [k, N] batch. Best of "
+                f"{report['sweep_repeats']}.", "",
                 "| N | frames k | before execution N | alone ms/frame | alone us/patch "
                 "| before ms/frame | before/alone | after ms/frame | after/alone | load |",
                 "|---" * 10 + "|"]
@@ -315,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"].append(measure(policy, chunk_sets, streams, args, encoder, base,
                                           max_patches))
     if args.sweep and dense_frame is not None:
-        report["sweep"] = sweep(dense_frame, encoder, base, max_patches, args.repeats)
+        report["sweep_repeats"] = max(args.repeats, 3)
+        report["sweep"] = sweep(dense_frame, encoder, base, max_patches,
+                                report["sweep_repeats"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vit_frames.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "vit_frames.md").write_text(markdown(report))

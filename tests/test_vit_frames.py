@@ -247,6 +247,7 @@ def test_the_benchmark_times_before_after_and_alone_on_the_same_frames(bench, on
     assert dense["frames"] == 8 and dense["vs_alone"]["alone"] == 1.0
     assert {"alone", "before", "per-stream", "pad-0", "pad-0.25"} <= set(dense["ms_per_frame"])
     assert all(v > 0 for v in dense["ms_per_frame"].values())
+    assert dense["executions"]["alone"] == 8 and dense["executions"]["pad-0"] < 8
     # Dense frames have one length: every padding share runs the same plan, timed once.
     assert len({dense["ms_per_frame"][f"pad-{p:g}"] for p in bench.PADDINGS}) == 1
     markdown = (tmp_path / "vit_frames.md").read_text()
@@ -257,7 +258,7 @@ def test_the_benchmark_times_before_after_and_alone_on_the_same_frames(bench, on
 def test_the_sweep_reports_ms_per_frame_against_n(bench, onnx_encoder, geometry):
     frame = random_set(geometry, 1, 4, 4, 1.0, 9)
     rows = bench.sweep(frame, onnx_encoder, bench.load_base_vision(bench.BASE), 32,
-                       repeats=1, sizes=(16, 64))
+                       repeats=1, sizes=(8, 16, 64))
     assert [(r["n"], r["frames"], r["before_execution_n"]) for r in rows] == [
-        (16, 1, 16), (16, 2, 32)]
+        (8, 4, 32), (16, 2, 32)]          # 64 patches is over max_patches: left out
     assert all(r["ms_per_frame"]["alone"] > 0 for r in rows)
