@@ -380,3 +380,22 @@ def test_changed_macroblocks_refuses_frames_of_different_sizes(box_clip):
     large = decode_all([encode_h264(np.zeros((1, 64, 96, 3), np.uint8), 12.5, gop=1)])[1][0]
     with pytest.raises(ValueError, match="different sizes"):
         changed_macroblocks(small.frame, large.frame, 20.0)
+
+
+def test_the_served_decoder_deblocks_the_b_frames_the_vit_may_see():
+    """codec_parser's skip_loop_filter leaves every picture as the encoder meant it, B-frames
+    included: skipping deblocking on non-reference frames ("noref") changes B-frames that
+    the sampler may pick (so it cannot be the served setting: one decoder option covers
+    sampled and unsampled frames alike)."""
+    from codecsight.params import served_parameters
+
+    frames, _ = moving_boxes(36, 192, 128, boxes=[BOX], noise_sigma=2.0, seed=4)
+    data = encode_h264(frames, 12.5, gop=36, bframes=2)
+    served = served_parameters("codec_parser")["skip_loop_filter"]
+    _, deblocked = decode_all([data])
+    _, as_served = decode_all([data], skip_loop_filter=served)
+    _, noref = decode_all([data], skip_loop_filter="noref")
+    assert [f.pict_type for f in as_served] == [f.pict_type for f in deblocked]
+    assert all(np.array_equal(luma(a), luma(b)) for a, b in zip(as_served, deblocked))
+    changed = [f.pict_type for a, f in zip(noref, deblocked) if not np.array_equal(luma(a), luma(f))]
+    assert changed and set(changed) == {"B"}
