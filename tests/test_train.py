@@ -316,3 +316,10 @@ def test_capacity_flags_resize_the_model_and_init_from_copies_matching_weights(t
     added = [k for k in deep.state_dict() if ".layers.4." in k or ".layers.5." in k]
     assert train.init_weights(deep, tiny_dir) == len(deep.state_dict()) - len(added) > 0
     assert "--llm-width 192" in train.command_line(config)
+
+
+def test_training_refuses_vllm_evs_whose_pruning_is_after_the_vit(geometry):
+    # Its windows would be dense patch masks: training on them would be dense under another name.
+    with pytest.raises(ValueError, match="vllm_evs prunes visual tokens after the ViT"):
+        train.build_suite([101], geometry, scene=SCENE, analysis_fps=2.0, window_seconds=4.0,
+                          policies=("dense", "vllm_evs"))

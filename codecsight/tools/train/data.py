@@ -126,6 +126,11 @@ def build_suite(seeds, geometry: Geometry, *, scene: synth.SceneConfig, analysis
     if unknown:
         raise ValueError(f"unknown patch policies {unknown}; this build has "
                          f"{', '.join(PATCH_POLICIES)}")
+    if "vllm_evs" in policies:
+        # Its pruning happens after the ViT, in llm_prefill; the training masks are patch
+        # masks, so it would silently train on dense windows.
+        raise ValueError("patch policy vllm_evs prunes visual tokens after the ViT, which the "
+                         "training windows do not model: train with dense or codec (or mix)")
     tmp = None
     if clip_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="codecsight-clips-")
