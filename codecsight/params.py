@@ -58,7 +58,7 @@ PARAMETERS: dict[str, dict[str, Kind]] = {
         "onnx_file": str,
         "max_patches": int,
         "intra_op_threads": int,
-        "device": ("cpu", "cuda"),       # vision.DEVICES: where the encoder runs (served_encoder)
+        "device": ("cpu", "cuda"),       # where the encoder runs (vision.served_encoder)
     },
 }
 # vit_pruned's production config.pbtxt runs the TensorRT backend, which reads none of our
@@ -71,6 +71,30 @@ MINIMUM = {"max_streams": 1, "max_chunk_bytes": 1, "max_new_tokens": 1, "max_que
 # Half-open ranges [low, high) checked on reading (vLLM's range for its video_pruning_rate).
 RANGE = {"video_pruning_rate": (0.0, 1.0)}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def torch_device(model: str, name: str, index: int = 0):
+    """The torch.device a model's `device` parameter names ('cpu' or 'cuda'; index: the GPU).
+
+    Raises ValueError naming the model and the parameter for a name the model does not
+    declare, or for 'cuda' where torch sees no CUDA device, so the model fails to load instead
+    of serving somewhere else.
+    """
+    import torch   # only the models that place tensors need it
+
+    devices = PARAMETERS[model]["device"]
+    if name not in devices:
+        raise ValueError(f"model {model!r}: parameter device {name!r} is not one of "
+                         f"{', '.join(devices)}")
+    if name != "cuda":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model {model!r}: parameter device is 'cuda' but torch finds no CUDA device here "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): set "
+            "device to 'cpu' in its config.pbtxt, or serve it on a machine with an NVIDIA GPU "
+            "and a CUDA build of torch")
+    return torch.device("cuda", index)
 
 
 def declared(model: str, tensorrt: bool = False) -> dict[str, Kind]:

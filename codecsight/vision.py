@@ -36,6 +36,7 @@ import torch.nn.functional as F
 # The ViT's RoPE pairing (dimension i turns with i + d/2), the model's own function.
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
+from codecsight import params
 from codecsight.checkpoint import Geometry
 from codecsight.protocol import PATCHES as INPUT_PATCHES
 from codecsight.protocol import POSITIONS as INPUT_POSITIONS
@@ -529,7 +530,7 @@ class TorchVisionEncoder:
 
 
 # vit_pruned's `device` parameter (codecsight.params): where its encoder runs.
-DEVICES = ("cpu", "cuda")
+DEVICES = params.PARAMETERS["vit_pruned"]["device"]
 
 
 def served_encoder(family, model_dir: str | Path, onnx_path: str | Path,
@@ -541,18 +542,10 @@ def served_encoder(family, model_dir: str | Path, onnx_path: str | Path,
     this build's ONNX Runtime is CPU-only (onnxruntime-gpu is not installed; RUNBOOK), and
     the torch tower computes the function the export is verified against (export_onnx).
     Raises ValueError naming vit_pruned and the parameter for an unknown device or "cuda"
-    where torch sees no CUDA device, so the model fails to load instead of serving on CPU.
+    where torch sees no CUDA device (params.torch_device), so the model fails to load
+    instead of serving on CPU.
     """
-    if device not in DEVICES:
-        raise ValueError(f"vit_pruned: parameter device {device!r} is not one of "
-                         f"{', '.join(DEVICES)}")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "vit_pruned: parameter device is 'cuda' but torch finds no CUDA device here "
-                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
-                "set device to cpu in vit_pruned's config, or serve on a machine with an "
-                "NVIDIA GPU and a CUDA build of torch")
+    if params.torch_device("vit_pruned", device).type == "cuda":
         return TorchVisionEncoder(family, model_dir, intra_op_threads, device)
     if not family.onnx_exportable:
         return TorchVisionEncoder(family, model_dir, intra_op_threads, device)

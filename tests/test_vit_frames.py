@@ -193,15 +193,15 @@ def test_cuda_without_a_gpu_fails_vit_pruneds_load_naming_the_model_and_paramete
                                   device="cuda")
     args.update(model_repository=str(onnx_path.parent.parent),
                 model_version=onnx_path.parent.name)
-    with pytest.raises(ValueError, match=r"vit_pruned: parameter device is 'cuda' but torch "
-                                         r"finds no CUDA device"):
+    with pytest.raises(ValueError, match=r"model 'vit_pruned': parameter device is 'cuda' but "
+                                         r"torch finds no CUDA device"):
         model.initialize(args)
 
 
 def test_an_unknown_device_is_refused_naming_the_parameter(tiny_dir, onnx_path):
     family = family_for_dir(tiny_dir)
-    with pytest.raises(ValueError, match=r"vit_pruned: parameter device 'tpu' is not one of "
-                                         r"cpu, cuda"):
+    with pytest.raises(ValueError, match=r"model 'vit_pruned': parameter device 'tpu' is not "
+                                         r"one of cpu, cuda"):
         vision.served_encoder(family, tiny_dir, onnx_path, device="tpu")
 
 

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from codecsight import backend, params
 from codecsight.families import family_for_dir
-from codecsight.llm import StreamSession, VisualLM, split_frames, step_streams, torch_device
+from codecsight.llm import StreamSession, VisualLM, split_frames, step_streams
 from codecsight.metrics import ModelMetrics
 from codecsight.protocol import (ANALYSIS_FPS, FRAME_META, POSITIONS, QUESTION, REFRESH,
                                  TOKENS, WINDOW_SECONDS, InvalidRequest)
@@ -24,8 +24,8 @@ MODEL = "llm_prefill"
 class TritonPythonModel:
     def initialize(self, args):
         self.params = params.read(MODEL, args["model_config"])
-        self.device = torch_device(self.params["device"], MODEL,
-                                   int(args.get("model_instance_device_id") or 0))
+        self.device = params.torch_device(MODEL, self.params["device"],
+                                          int(args.get("model_instance_device_id") or 0))
         model_dir = params.resolve_model_dir(args["model_repository"], self.params["model_dir"])
         self.family = family_for_dir(model_dir)
         model, tokenizer = self.family.load(model_dir)
