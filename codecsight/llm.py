@@ -63,7 +63,6 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from codecsight import params
 from codecsight.families import CheckpointSettings, Family, family_for
 from codecsight.families.base import rope_axes_from_sections
 from codecsight.families.qwen2_vl import PROMPT_PREFIX, PROMPT_SUFFIX  # noqa: F401 (API)
@@ -73,27 +72,8 @@ from codecsight.token_pruning import StreamTokenPruner
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 REFRESH_FULL, REFRESH_SELECTIVE = "full", "selective"
 ANCHOR_FRAME_TYPES = ("I",)  # frames the codec coded without reference: re-prefilled on a slide
-DEVICES = params.PARAMETERS["llm_prefill"]["device"]   # its `device` parameter's values
 # The attention implementation a packed forward of several streams runs under.
 STREAM_ATTENTION = "codecsight_streams"
-
-
-def torch_device(name: str, model: str = "llm_prefill", index: int = 0) -> torch.device:
-    """The torch device a model's `device` parameter names ('cpu' or 'cuda'; index: the GPU).
-
-    Raises ValueError naming the model and the parameter for an unknown name, or for 'cuda'
-    on a machine where torch sees no CUDA device.
-    """
-    if name not in DEVICES:
-        raise ValueError(f"model {model!r}: parameter device {name!r} is not one of "
-                         f"{', '.join(DEVICES)}")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"model {model!r}: parameter device is 'cuda' but torch sees no "
-                             f"CUDA device here (torch {torch.__version__}); set device to "
-                             "'cpu' in its config.pbtxt or serve it on a GPU machine")
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -1006,15 +986,7 @@ def step_streams(vlm: VisualLM, steps: Sequence[tuple[StreamSession, list[Window
     try:
         answers = vlm.answer_batch([job for _, job, _ in due])
     except Exception as e:  # noqa: BLE001 (the shared forward: find whose it is, alone)
-        answers = [e] if len(due) == 1 else []
-        for i, job, _ in due if len(due) > 1 else []:
-            session = sessions[i]
-            session.kv = None   # half updated by the failed forward: rebuild from the window
-            retry, _ = session.advance(vlm, [], "", "")
-            try:
-                answers.extend(vlm.answer_batch([retry]))
-            except Exception as e:  # noqa: BLE001
-                answers.append(e)
+        answers = [e] if len(due) == 1 else [_answer_alone(vlm, sessions[i]) for i, _, _ in due]
     for (i, _, stats), answer in zip(due, answers):
         session = sessions[i]
         if isinstance(answer, BaseException):
@@ -1023,3 +995,15 @@ def step_streams(vlm: VisualLM, steps: Sequence[tuple[StreamSession, list[Window
         else:
             results[i] = (answer, session.answered(answer, stats))
     return results
+
+
+def _answer_alone(vlm: VisualLM, session: StreamSession) -> Answer | Exception:
+    """A stream's window answered on its own after a shared forward failed: its cache was half
+    updated by that forward, so it is rebuilt from the window (the answer, or its error)."""
+    session.kv = None
+    retry, _ = session.advance(vlm, [], "", "")
+    try:
+        (answer,) = vlm.answer_batch([retry])
+    except Exception as e:  # noqa: BLE001 (this stream's own error)
+        return e
+    return answer
