@@ -495,6 +495,14 @@ def frame_to_luma(frame: av.VideoFrame, group_pixels: int, step: int = 1) -> np.
     return out
 
 
+def valid_pixels(width: int, height: int, group: int) -> np.ndarray:
+    """Pixels of each group that lie inside a width x height frame: float32 [grid_h, grid_w]."""
+    grid_h, grid_w = -(-height // group), -(-width // group)
+    per_row = np.minimum(height - np.arange(grid_h) * group, group)
+    per_col = np.minimum(width - np.arange(grid_w) * group, group)
+    return np.outer(per_row, per_col).astype(np.float32)
+
+
 def changed_macroblocks(frame: av.VideoFrame, previous: av.VideoFrame, threshold: float,
                         step: int = 4) -> np.ndarray:
     """Macroblocks whose mean |dY| between two frames exceeds threshold: bool [mb_h, mb_w].
@@ -527,8 +535,7 @@ def changed_macroblocks(frame: av.VideoFrame, previous: av.VideoFrame, threshold
     sums = across[:, 0::cell].copy()
     for k in range(1, cell):
         sums += across[:, k::cell]
-    samples = np.outer(np.minimum(rows - np.arange(mb_h) * cell, cell),
-                       np.minimum(cols - np.arange(mb_w) * cell, cell)).astype(np.float32)
+    samples = valid_pixels(cols, rows, cell)              # samples inside the frame per MB
     return sums > threshold * np.maximum(samples, 1)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from codecsight.checkpoint import Geometry
 from codecsight.codec import (MACROBLOCK, Axis, DecodedFrame, Picture, changed_macroblocks,
-                              macroblock_grid, macroblock_signals, picture_for)
+                              macroblock_grid, macroblock_signals, picture_for, valid_pixels)
 from codecsight.protocol import PATCH_POLICIES
 
 POLICIES = PATCH_POLICIES + ("oracle",)  # what StreamMasks.select accepts
@@ -223,14 +223,6 @@ def changed_groups(a: np.ndarray, b: np.ndarray, group: int, valid: np.ndarray,
         changed |= (diff > peak_threshold).sum(axis=(1, 2)) >= group
     out[rows, cols] = changed
     return out
-
-
-def valid_pixels(width: int, height: int, group: int) -> np.ndarray:
-    """Pixels of each group that lie inside a width x height frame: float32 [grid_h, grid_w]."""
-    grid_h, grid_w = -(-height // group), -(-width // group)
-    per_row = np.minimum(height - np.arange(grid_h) * group, group)
-    per_col = np.minimum(width - np.arange(grid_w) * group, group)
-    return np.outer(per_row, per_col).astype(np.float32)
 
 
 def oracle_keep(previous_luma: np.ndarray, luma: np.ndarray, group: int, valid: np.ndarray,
