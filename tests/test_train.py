@@ -316,6 +316,13 @@ def test_capacity_flags_resize_the_model_and_init_from_copies_matching_weights(t
     added = [k for k in deep.state_dict() if ".layers.4." in k or ".layers.5." in k]
     assert train.init_weights(deep, tiny_dir) == len(deep.state_dict()) - len(added) > 0
     assert "--llm-width 192" in train.command_line(config)
+    # the training card says how much --init-from really copied
+    from codecsight.tools.train.loop import _initialised
+
+    deeper = train.TrainConfig(out_dir="", llm_layers=6, init_from="models/x")
+    assert _initialised(deeper, {"initialised_tensors": [82, 130]}) == \
+        ", then 82 of 130 tensors (those whose name and shape match) from models/x"
+    assert _initialised(train.TrainConfig(out_dir=""), {"initialised_tensors": None}) == ""
 
 
 def test_training_refuses_vllm_evs_whose_pruning_is_after_the_vit(geometry):

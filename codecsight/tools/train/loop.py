@@ -245,9 +245,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     checkpoint.build_tiny(init_dir, seed=config.seed)
     resize(init_dir, config)
     model, tokenizer = checkpoint.load(init_dir)
+    initialised = None
     if config.init_from:
-        copied = init_weights(model, config.init_from)
-        say(f"initialised {copied} of {len(model.state_dict())} tensors from "
+        initialised = [init_weights(model, config.init_from), len(model.state_dict())]
+        say(f"initialised {initialised[0]} of {initialised[1]} tensors from "
             f"{config.init_from}")
     model.train()
     geometry = Geometry.from_model_dir(init_dir)
@@ -396,6 +397,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     summary = {
         "config": dataclasses.asdict(config),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "initialised_tensors": initialised,     # [copied, of] from --init-from
         "train_windows": len(samples), "val_windows": len(val),
         "micro_batch_size": micro, "sample_bytes": streamer.sample_bytes,
         "fixed_bytes": streamer.fixed_bytes,
@@ -453,6 +455,14 @@ def _capacity(config: TrainConfig) -> str:
     return " with " + ", ".join(given) if given else ""
 
 
+def _initialised(config: TrainConfig, summary: dict) -> str:
+    if not config.init_from:
+        return ""
+    copied = summary.get("initialised_tensors")
+    share = f"{copied[0]} of {copied[1]} tensors" if copied else "the tensors"
+    return f", then {share} (those whose name and shape match) from {config.init_from}"
+
+
 def _pair(values) -> str:
     return "-" if not values else f"{values[0]:.3f} -> {values[1]:.3f}"
 
@@ -470,7 +480,7 @@ on the machine below):
 
 - Model: tiny Qwen2-VL architecture (`codecsight.checkpoint.tiny_config`{_capacity(config)}),
   {summary['parameters']:,} parameters, initialised by `checkpoint.build_tiny` with seed
-  {config.seed}{f", then every tensor of {config.init_from}" if config.init_from else ""}.
+  {config.seed}{_initialised(config, summary)}.
 - Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns what each
   merge group shows (object kind, and whether it looks anomalous) from the clips' ground
   truth, through a training-only linear head that is not part of the checkpoint; object
