@@ -419,7 +419,11 @@ def test_ctrl_c_or_sigterm_ends_every_stream_with_end_and_keeps_the_answers(serv
         [sys.executable, "-m", "codecsight_client.cli", str(CAR), "--url", server.grpc_url,
          "--stream-id", sid, "--stride-seconds", "2", "--policy", "dense",
          "--token-file", str(tmp_path / "secret"), "--json", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background (`cmd &` without job control) inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler: the client would
+        # be started as a user's terminal starts it, with SIGINT at its default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in client.stdout:        # the first answered window
         if line.startswith(f"[{sid}] window"):
             break
