@@ -325,6 +325,19 @@ def test_capacity_flags_resize_the_model_and_init_from_copies_matching_weights(t
     assert _initialised(train.TrainConfig(out_dir=""), {"initialised_tensors": None}) == ""
 
 
+def test_the_training_card_says_when_stage_one_was_skipped():
+    """An uptraining run (--vision-steps 0) trains no ViT: the card must not report a stage 1."""
+    from codecsight.tools.train.loop import _stage_one
+
+    uptrain = train.TrainConfig(out_dir="", vision_steps=0, init_from="models/x")
+    assert _stage_one(uptrain, {"vision_loss": None}) == \
+        "Stage 1 skipped (--vision-steps 0): the ViT and merger start as initialised (models/x)."
+    full = _stage_one(train.TrainConfig(out_dir="", vision_steps=2000, vision_lr=0.001),
+                      {"vision_loss": [1.5625, 0.228]})
+    assert full.startswith("Stage 1 (2000 steps, lr 0.001): the ViT learns what each\n")
+    assert full.endswith("loss 1.562 -> 0.228.")
+
+
 def test_training_refuses_vllm_evs_whose_pruning_is_after_the_vit(geometry):
     # Its windows would be dense patch masks: training on them would be dense under another name.
     with pytest.raises(ValueError, match="vllm_evs prunes visual tokens after the ViT"):

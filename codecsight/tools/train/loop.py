@@ -467,6 +467,18 @@ def _pair(values) -> str:
     return "-" if not values else f"{values[0]:.3f} -> {values[1]:.3f}"
 
 
+def _stage_one(config: TrainConfig, summary: dict) -> str:
+    if not config.vision_steps:
+        source = f" ({config.init_from})" if config.init_from else ""
+        return (f"Stage 1 skipped (--vision-steps 0): the ViT and merger start as "
+                f"initialised{source}.")
+    return (f"Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns "
+            "what each\n  merge group shows (object kind, and whether it looks anomalous) "
+            "from the clips' ground\n  truth, through a training-only linear head that is not "
+            "part of the checkpoint; object\n  loss "
+            f"{_pair(summary.get('vision_loss'))}.")
+
+
 def training_card(config: TrainConfig, summary: dict) -> str:
     """TRAINING.md of a trained checkpoint: how to reproduce it and what it reached."""
     base = TRAIN_SEED_BASE + config.seed * 10_000
@@ -481,10 +493,7 @@ on the machine below):
 - Model: tiny Qwen2-VL architecture (`codecsight.checkpoint.tiny_config`{_capacity(config)}),
   {summary['parameters']:,} parameters, initialised by `checkpoint.build_tiny` with seed
   {config.seed}{_initialised(config, summary)}.
-- Stage 1 ({config.vision_steps} steps, lr {config.vision_lr:g}): the ViT learns what each
-  merge group shows (object kind, and whether it looks anomalous) from the clips' ground
-  truth, through a training-only linear head that is not part of the checkpoint; object
-  loss {_pair(summary.get('vision_loss'))}.
+- {_stage_one(config, summary)}
 - Every patch holds the previous sampled frame and this one in its two temporal slots, as
   codec_parser sends them (`vision.patchify(previous=...)`).
 - Stage 2 ({config.steps} steps): {"the ViT frozen, its tokens computed once per window; "
