@@ -499,13 +499,17 @@ def plot(rows: list[dict], path: Path) -> Path:
     left.axhline(0.8, color="grey", lw=0.8, ls="--")
     left.set_title("F1 per task")
     left.legend(fontsize=8)
-    for k, r in enumerate(rows):
+    placed: list[tuple[float, float]] = []
+    for r in rows:
         point = (100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0)
         right.scatter(*point, s=60)
-        # Refresh policies of one patch policy share a point: stack their labels.
+        # Points whose labels would overlap (two refresh policies of one patch policy, or
+        # dense and vllm_evs (both send every patch), get their labels stacked.
+        below = sum(abs(x - point[0]) < 25 and abs(y - point[1]) < 0.06 for x, y in placed)
+        placed.append(point)
         right.annotate(f"{r['policy']}/{r['refresh']}: {r['frames_per_s']:.0f} frames/s",
-                       point, fontsize=8, xytext=(6, 6 - 12 * (k % 2)),
-                       textcoords="offset points")
+                       point, fontsize=8, xytext=(6, 6 - 12 * below),
+                       textcoords="offset points", ha="right" if point[0] > 70 else "left")
     right.set_xlabel("patches kept (% of dense)")
     right.set_ylabel("mean binary F1")
     right.set_xlim(0, 105)
