@@ -518,7 +518,7 @@ on the machine below):
 - Validation ({summary['val_windows']} windows of {config.val_clips} further clips,
   teacher-forced answer accuracy, dense): {val}.
 - Wall time {summary['wall_seconds']:.0f} s (data {summary['data_seconds']:.0f} s),
-  {config.threads} threads, torch {summary['torch']}.
+  {config.threads} thread(s), torch {summary['torch']}.
 
 F1 through the real Triton ensemble: `codecsight eval --model-dir <this directory>`.
 """
