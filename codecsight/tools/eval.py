@@ -503,8 +503,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     for r in rows:
         point = (100 * r["patches_kept_share"], r["binary_f1_mean"] or 0.0)
         right.scatter(*point, s=60)
-        # Points whose labels would overlap (two refresh policies of one patch policy, or
-        # dense and vllm_evs (both send every patch), get their labels stacked.
+        # Labels of nearby points are stacked: two refresh policies of one patch policy
+        # share a point, and dense and vllm_evs (both send every patch) nearly do.
         below = sum(abs(x - point[0]) < 25 and abs(y - point[1]) < 0.06 for x, y in placed)
         placed.append(point)
         right.annotate(f"{r['policy']}/{r['refresh']}: {r['frames_per_s']:.0f} frames/s",
