@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from fractions import Fraction
 from typing import Sequence
 
@@ -33,6 +34,14 @@ _H264_SLICES, _H264_SPS = range(1, 6), 7
 # numpy dtype of FFmpeg's AVMotionVector records, read once from PyAV (whose to_ndarray
 # rebuilds it on every call, ~10 us a frame against ~1 us for np.frombuffer with it cached).
 _motion_vector_dtype: np.dtype | None = None
+
+try:
+    from codecsight import _codec_kernels
+except ImportError as error:   # not built: `pip install -e .` compiles it (scripts/setup.sh)
+    _codec_kernels = None
+    warnings.warn(f"codecsight's compiled kernel is not built ({error}); codec metadata "
+                  "falls back to numpy, at several times the cost. Run scripts/setup.sh.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def motion_vectors_array(side_data) -> np.ndarray:
@@ -614,16 +623,24 @@ class MacroblockSignals:
     intra: np.ndarray         # bool: coded without a motion vector (intra prediction)
     global_motion_px: np.ndarray  # float32 [F, 2]: (dx, dy) the scene moved on screen since
                                   # the past reference: minus its median motion vector
+    counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    # int64 [F, 2]: intra and moving macroblocks per frame, where the compiled kernel counted
+    # them as it went (None: counted from the flags when asked)
 
     @property
     def intra_share(self) -> np.ndarray:
         """float64 [F]: share of each frame's macroblocks that are intra."""
-        return _share(self.intra)
+        return self._share(0, self.intra)
 
     @property
     def moving_share(self) -> np.ndarray:
         """float64 [F]: share of each frame's macroblocks that move."""
-        return _share(self.moving)
+        return self._share(1, self.moving)
+
+    def _share(self, column: int, flags: np.ndarray) -> np.ndarray:
+        if self.counts is None:
+            return _share(flags)
+        return self.counts[:, column] / (flags.shape[1] * flags.shape[2])
 
 
 def _share(flags: np.ndarray) -> np.ndarray:
@@ -637,6 +654,83 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
                        threshold_px: float,
                        bidirectional: Sequence[bool] | None = None) -> MacroblockSignals:
     """Per-macroblock motion and intra flags of P/B-frames from FFmpeg's exported vectors.
+
+    motion_vectors: per frame, AVMotionVector records [N] (DecodedFrame.motion_vectors), all
+    frames width x height; None or empty means no macroblock has a vector (an all-intra
+    P-frame). bidirectional: per frame, whether it may reference the future (B-frames);
+    None: read every vector's `source`. Returns MacroblockSignals with arrays [F, mb_h, mb_w]
+    (16x16 macroblocks) and global motion float32 [F, 2] in pixels.
+
+    A macroblock moves if any of its partitions moved by at least threshold_px after
+    global-motion compensation; see _macroblock_signals_numpy for the method. This runs the
+    compiled kernel (codecsight/_codec_kernels.c, one pass per frame: ~60 numpy calls a batch
+    cost more than the work at a few hundred vectors a frame), which computes exactly what the
+    numpy version computes (tests/test_codec_kernels.py); where the extension is not built it
+    falls back to numpy, with one warning. Raises ValueError if the records are not
+    AVMotionVector records or bidirectional has the wrong length.
+    """
+    if _codec_kernels is None:
+        return _macroblock_signals_numpy(motion_vectors, width, height, threshold_px,
+                                         bidirectional)
+    mb_h, mb_w = macroblock_grid(width, height)
+    count = len(motion_vectors)
+    moving = np.empty((count, mb_h, mb_w), bool)
+    intra = np.empty((count, mb_h, mb_w), bool)
+    global_motion = np.empty((count, 2), np.float32)
+    counts = np.empty((count, 2), np.int64)
+    layout, frames = None, []
+    for mv in motion_vectors:
+        if mv is None or not len(mv):
+            frames.append(None)
+            continue
+        own = _kernel_layout(mv.dtype)
+        if layout is not None and own != layout:
+            raise ValueError(f"motion vector records of one call must share a dtype; got "
+                             f"{mv.dtype} after {layout}")
+        layout = own
+        frames.append(np.ascontiguousarray(mv))
+    if bidirectional is not None:
+        if len(bidirectional) != count:
+            raise ValueError(f"bidirectional has {len(bidirectional)} flags for {count} frames")
+        bidirectional = np.asarray(bidirectional, bool).view(np.uint8).tobytes()
+    _codec_kernels.macroblock_signals(frames, bidirectional, layout or _NO_RECORDS, mb_h,
+                                      mb_w, float(threshold_px), moving, intra, global_motion,
+                                      counts)
+    return MacroblockSignals(moving, intra, global_motion, counts)
+
+
+_MOTION_VECTOR_FIELDS = ("source", "dst_x", "dst_y", "motion_x", "motion_y", "motion_scale")
+_MOTION_VECTOR_TYPES = ("<i4", "<i2", "<i2", "<i4", "<i4", "<u2")
+
+
+def _kernel_layout(dtype: np.dtype) -> tuple[int, ...]:
+    """(itemsize, byte offset of each field the kernel reads) of an AVMotionVector dtype.
+
+    Raises ValueError naming the field if a record lacks one or stores it in another type
+    (the kernel reads raw bytes; a different dtype would be misread, not converted).
+    """
+    layout = _layouts.get(dtype)
+    if layout is None:
+        offsets = []
+        for name, kind in zip(_MOTION_VECTOR_FIELDS, _MOTION_VECTOR_TYPES):
+            field = (dtype.fields or {}).get(name)
+            if field is None or field[0] != np.dtype(kind):
+                raise ValueError(f"motion vector records need field {name!r} of type {kind}; "
+                                 f"got dtype {dtype}")
+            offsets.append(field[1])
+        layout = _layouts[dtype] = (dtype.itemsize, *offsets)
+    return layout
+
+
+_layouts: dict[np.dtype, tuple[int, ...]] = {}
+_NO_RECORDS = (40, 0, 10, 12, 24, 28, 32)   # FFmpeg's layout; passed when no frame has records
+
+
+def _macroblock_signals_numpy(motion_vectors: Sequence[np.ndarray | None], width: int,
+                              height: int, threshold_px: float,
+                              bidirectional: Sequence[bool] | None = None
+                              ) -> MacroblockSignals:
+    """The reference of macroblock_signals, in numpy (same arguments and result).
 
     motion_vectors: per frame, AVMotionVector records [N] (DecodedFrame.motion_vectors), all
     frames width x height; None or empty means no macroblock has a vector (an all-intra
@@ -702,7 +796,8 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
             dx[future] -= np.repeat(rest_x[split], ahead[split])
             dy[future] -= np.repeat(rest_y[split], ahead[split])
             # only future references: the scene moved +v towards the future one
-            only = split & (ahead == sizes) & (median_x == 0) & (median_y == 0)
+            only = split & (ahead == sizes) & (median_x == 0) & (median_y == 0) & \
+                ((rest_x != 0) | (rest_y != 0))
             median_x[only], median_y[only] = -rest_x[only], -rest_y[only]
     # vectors point from the block to its source in the past: the scene moved -v
     global_motion[present] = np.stack([-median_x / scale, -median_y / scale], axis=1)
@@ -717,8 +812,8 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
     fast = dx * dx + dy * dy >= limit
     # dst_x/dst_y are partition centres, inside their macroblock (clamped for safety);
     # >> 4 is // 16 at a third of the cost on int16
-    row = np.minimum(np.concatenate([m["dst_y"] for m in frames]) >> 4, mb_h - 1)
-    col = np.minimum(np.concatenate([m["dst_x"] for m in frames]) >> 4, mb_w - 1)
+    row = np.clip(np.concatenate([m["dst_y"] for m in frames]) >> 4, 0, mb_h - 1)
+    col = np.clip(np.concatenate([m["dst_x"] for m in frames]) >> 4, 0, mb_w - 1)
     # intp: row * mb_w overflows int16 past 32767 macroblocks (8K), and numpy's fancy
     # indexing casts any other index type first (twice the time of the scatter itself)
     index = np.repeat(np.array(present, np.intp) * (mb_h * mb_w), sizes) + \

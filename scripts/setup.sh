@@ -19,6 +19,10 @@ ldconfig -p | grep -q "libb64.so.0d" || apt_pkgs+=("libb64-0d")
 # Tests start real peers: nginx (the scale-out proxy), headless Chromium (the operator page,
 # driven by Playwright with no browser download) and GStreamer's RTSP server (a live camera),
 # which runs under the system python3 with Debian's GObject bindings.
+# A C compiler and the Python headers build codecsight's compiled kernel (codec metadata).
+command -v gcc >/dev/null || apt_pkgs+=("gcc")
+[ -f "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+  || apt_pkgs+=("python${pyver}-dev")
 [ -x /usr/sbin/nginx ] || apt_pkgs+=("nginx-light")
 [ -x /usr/lib/chromium/chromium ] || apt_pkgs+=("chromium")
 /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null \
@@ -35,7 +39,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.codecsight-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+# the C source too: `pip install -e` compiles it, and an edit needs a rebuild
+want="$(cat pyproject.toml codecsight/*.c | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing pinned packages into $VENV (first time: a few minutes)"
   "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null
