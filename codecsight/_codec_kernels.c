@@ -66,16 +66,17 @@ static int32_t select_kth(int32_t *a, Py_ssize_t n, Py_ssize_t k)
     return a[k];
 }
 
-/* codec._median of values[0..n) taken every `stride`-th element: the median of at most
- * MEDIAN_SAMPLES evenly spaced values (every (n // MEDIAN_SAMPLES)-th where n is larger),
- * as float64. scratch holds at least n values. 0 when n == 0 (the caller's default). */
-static double median(const int32_t *values, Py_ssize_t n, int32_t *scratch)
+/* codec._median of n int32 values, the k-th at base + k * stride bytes (a plain array, or a
+ * field of the records): the median of at most MEDIAN_SAMPLES evenly spaced values (every
+ * (n // MEDIAN_SAMPLES)-th where n is larger), as float64. scratch holds at least n values
+ * (min(n, 2 * MEDIAN_SAMPLES) are used). 0 when n == 0 (the caller's default). */
+static double median(const char *base, Py_ssize_t stride, Py_ssize_t n, int32_t *scratch)
 {
     if (n == 0) return 0.0;
     Py_ssize_t step = n > MEDIAN_SAMPLES ? n / MEDIAN_SAMPLES : 1;
     Py_ssize_t m = 0, negative = 0, zero = 0;
     for (Py_ssize_t i = 0; i < n; i += step) {
-        int32_t v = values[i];
+        int32_t v = read_i32(base + i * stride);
         scratch[m++] = v;
         negative += v < 0;
         zero += v == 0;
@@ -91,64 +92,90 @@ static double median(const int32_t *values, Py_ssize_t n, int32_t *scratch)
     return 0.5 * (double)((int64_t)below + (int64_t)above);
 }
 
+/* per-call buffers of the largest frame's record count each */
 typedef struct {
-    int32_t *dx, *dy, *past_x, *past_y, *future_x, *future_y, *scratch;
-    unsigned char *future;
+    int32_t *past_x, *past_y, *future_x, *future_y, *scratch;
 } Scratch;
 
-/* One frame's n records -> its flags (cells of mb_h * mb_w bytes) and global motion. */
+/* One frame's n records -> its flags (cells of mb_h * mb_w bytes), global motion and counts.
+ * Everything read in the loops is first copied to locals: a store through a char pointer may
+ * alias anything, so fields read through pointers would be reloaded after every flag store. */
 static void frame_signals(const char *records, Py_ssize_t n, int bidirectional,
                           const Layout *L, int mb_h, int mb_w, float threshold_px,
-                          Scratch *s, unsigned char *moving, unsigned char *intra,
-                          float *global_motion, int64_t *counts)
+                          const Scratch *s, unsigned char *restrict moving,
+                          unsigned char *restrict intra, float *global_motion, int64_t *counts)
 {
+    const Py_ssize_t size = L->itemsize, at_source = L->source, at_x = L->motion_x,
+                     at_y = L->motion_y, at_dst_x = L->dst_x, at_dst_y = L->dst_y;
+    int32_t *restrict past_x = s->past_x, *restrict past_y = s->past_y;
+    int32_t *restrict future_x = s->future_x, *restrict future_y = s->future_y;
     Py_ssize_t ahead = 0, past = 0, zero_x = 0, zero_y = 0;
     float scale = (float)read_u16(records + L->motion_scale);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const char *r = records + i * L->itemsize;
-        int32_t x = read_i32(r + L->motion_x), y = read_i32(r + L->motion_y);
-        unsigned char f = bidirectional && read_i32(r + L->source) > 0;
-        s->dx[i] = x; s->dy[i] = y; s->future[i] = f;
-        zero_x += x == 0; zero_y += y == 0;
-        if (f) { s->future_x[ahead] = x; s->future_y[ahead] = y; ahead++; }
-        else { s->past_x[past] = x; s->past_y[past] = y; past++; }
+    if (bidirectional) {
+        /* the vectors of each reference direction, for a median each */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const char *r = records + i * size;
+            int32_t x = read_i32(r + at_x), y = read_i32(r + at_y);
+            if (read_i32(r + at_source) > 0) {
+                future_x[ahead] = x; future_y[ahead] = y; ahead++;
+            } else {
+                past_x[past] = x; past_y[past] = y; past++;
+            }
+        }
+        zero_x = zero_y = n;   /* unused where a frame has future references */
+        if (ahead == 0)
+            for (Py_ssize_t i = 0; i < n; i++) {
+                zero_x -= past_x[i] != 0;
+                zero_y -= past_y[i] != 0;
+            }
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const char *r = records + i * size;
+            zero_x += read_i32(r + at_x) == 0;
+            zero_y += read_i32(r + at_y) == 0;
+        }
     }
     float median_x = 0.0f, median_y = 0.0f;
     double rest_x = 0.0, rest_y = 0.0;   /* future median - past median (float64) */
     int only_future = 0;
     if (ahead > 0) {
         /* a median per reference direction: they point opposite ways */
-        median_x = (float)median(s->past_x, past, s->scratch);
-        median_y = (float)median(s->past_y, past, s->scratch);
-        rest_x = median(s->future_x, ahead, s->scratch) - (double)median_x;
-        rest_y = median(s->future_y, ahead, s->scratch) - (double)median_y;
+        median_x = (float)median((const char *)past_x, 4, past, s->scratch);
+        median_y = (float)median((const char *)past_y, 4, past, s->scratch);
+        rest_x = median((const char *)future_x, 4, ahead, s->scratch) - (double)median_x;
+        rest_y = median((const char *)future_y, 4, ahead, s->scratch) - (double)median_y;
         /* (a zero rest changes nothing but the sign of a zero: numpy skips it too) */
         only_future = ahead == n && median_x == 0.0f && median_y == 0.0f
                       && (rest_x != 0.0 || rest_y != 0.0);
     } else {
         /* more than half the vectors 0 on an axis: that median is 0 (codec.py's shortcut) */
-        if (zero_x * 2 <= n) median_x = (float)median(s->dx, n, s->scratch);
-        if (zero_y * 2 <= n) median_y = (float)median(s->dy, n, s->scratch);
+        if (zero_x * 2 <= n) median_x = (float)median(records + at_x, size, n, s->scratch);
+        if (zero_y * 2 <= n) median_y = (float)median(records + at_y, size, n, s->scratch);
     }
     float limit_root = (float)threshold_px * scale;
-    double limit = (double)(limit_root * limit_root);
+    const double limit = (double)(limit_root * limit_root);
+    const double offset_x = (double)median_x, offset_y = (double)median_y;
+    const int last_row = mb_h - 1, last_col = mb_w - 1, width = mb_w;
+    int64_t cleared = 0, moved = 0;
+    const int split = ahead > 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const char *r = records + i * L->itemsize;
-        double x = (double)s->dx[i] - (double)median_x;
-        double y = (double)s->dy[i] - (double)median_y;
-        if (s->future[i]) { x -= rest_x; y -= rest_y; }
-        int row = read_i16(r + L->dst_y) >> MACROBLOCK_SHIFT;
-        int col = read_i16(r + L->dst_x) >> MACROBLOCK_SHIFT;
-        row = row < 0 ? 0 : (row >= mb_h ? mb_h - 1 : row);
-        col = col < 0 ? 0 : (col >= mb_w ? mb_w - 1 : col);
-        Py_ssize_t cell = (Py_ssize_t)row * mb_w + col;
-        counts[0] -= intra[cell];   /* each macroblock counted once: as it changes */
+        const char *r = records + i * size;
+        double x = (double)read_i32(r + at_x) - offset_x;
+        double y = (double)read_i32(r + at_y) - offset_y;
+        if (split && read_i32(r + at_source) > 0) { x -= rest_x; y -= rest_y; }
+        int row = read_i16(r + at_dst_y) >> MACROBLOCK_SHIFT;
+        int col = read_i16(r + at_dst_x) >> MACROBLOCK_SHIFT;
+        row = row < 0 ? 0 : (row > last_row ? last_row : row);
+        col = col < 0 ? 0 : (col > last_col ? last_col : col);
+        Py_ssize_t cell = (Py_ssize_t)row * width + col;
+        cleared += intra[cell];   /* each macroblock counted once: as it changes */
         intra[cell] = 0;
-        if (x * x + y * y >= limit) {
-            counts[1] += !moving[cell];
-            moving[cell] = 1;
-        }
+        unsigned char fast = x * x + y * y >= limit;   /* branch-free: noisy vectors */
+        moved += fast & !moving[cell];
+        moving[cell] |= fast;
     }
+    counts[0] -= cleared;
+    counts[1] += moved;
     if (only_future) {   /* only future references: the scene moved +v towards them */
         median_x = (float)(-rest_x);
         median_y = (float)(-rest_y);
@@ -222,13 +249,11 @@ static PyObject *macroblock_signals(PyObject *self, PyObject *args)
         if (n > largest) largest = n;
     }
     Scratch s = {0};
-    int32_t *block = PyMem_Malloc((size_t)(largest ? largest : 1) * (7 * sizeof(int32_t) + 1));
-    if (!block) { PyErr_NoMemory(); goto release_views; }
     Py_ssize_t stride = largest ? largest : 1;
-    s.dx = block; s.dy = block + stride; s.past_x = block + 2 * stride;
-    s.past_y = block + 3 * stride; s.future_x = block + 4 * stride;
-    s.future_y = block + 5 * stride; s.scratch = block + 6 * stride;
-    s.future = (unsigned char *)(block + 7 * stride);
+    int32_t *block = PyMem_Malloc((size_t)stride * 5 * sizeof(int32_t));
+    if (!block) { PyErr_NoMemory(); goto release_views; }
+    s.past_x = block; s.past_y = block + stride; s.future_x = block + 2 * stride;
+    s.future_y = block + 3 * stride; s.scratch = block + 4 * stride;
 
     Py_BEGIN_ALLOW_THREADS
     unsigned char *moving_out = moving.buf, *intra_out = intra.buf;
@@ -277,10 +302,168 @@ release_moving:
     return NULL;
 }
 
+/* policy.dynamic_macroblocks: for F frames of mb_h x mb_w bool flags, a moving macroblock
+ * counts if its 3x3 neighbourhood (itself included, clipped at the frame's edges) holds at
+ * least motion_support macroblocks that are moving or intra; an intra one at least
+ * intra_support. */
+static PyObject *dynamic_macroblocks(PyObject *self, PyObject *args)
+{
+    PyObject *moving_obj, *intra_obj, *out_obj;
+    Py_ssize_t count;
+    int mb_h, mb_w, motion_support, intra_support;
+    if (!PyArg_ParseTuple(args, "OOniiiiO", &moving_obj, &intra_obj, &count, &mb_h, &mb_w,
+                          &motion_support, &intra_support, &out_obj))
+        return NULL;
+    if (count < 0 || mb_h <= 0 || mb_w <= 0) {
+        PyErr_SetString(PyExc_ValueError, "frames must be >= 0, mb_h and mb_w positive");
+        return NULL;
+    }
+    Py_ssize_t cells = (Py_ssize_t)mb_h * mb_w, bytes = count * cells;
+    Py_buffer moving, intra, out;
+    if (PyObject_GetBuffer(moving_obj, &moving, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(intra_obj, &intra, PyBUF_C_CONTIGUOUS) < 0) goto release_moving;
+    if (moving.len != bytes || intra.len != bytes) {
+        PyErr_Format(PyExc_ValueError, "moving / intra hold %zd / %zd bytes, expected %zd",
+                     moving.len, intra.len, bytes);
+        goto release_intra;
+    }
+    if (writable(out_obj, &out, bytes, "out") < 0) goto release_intra;
+    /* flagged (moving or intra) with a zero border, and its sums over three columns */
+    Py_ssize_t wide = mb_w + 2;
+    uint8_t *flagged = PyMem_Calloc((size_t)(mb_h + 2) * wide, 1);
+    uint8_t *columns = PyMem_Malloc((size_t)(mb_h + 2) * mb_w);
+    if (!flagged || !columns) {
+        PyMem_Free(flagged); PyMem_Free(columns);
+        PyErr_NoMemory();
+        PyBuffer_Release(&out);
+        goto release_intra;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* locals, not the address-taken arguments: byte stores could alias those */
+    const int height = mb_h, width = mb_w;
+    const uint8_t *m = moving.buf, *i = intra.buf;
+    uint8_t *o = out.buf;
+    uint8_t ms = (uint8_t)(motion_support < 0 ? 0 : motion_support > 10 ? 10 : motion_support);
+    uint8_t is = (uint8_t)(intra_support < 0 ? 0 : intra_support > 10 ? 10 : intra_support);
+    for (Py_ssize_t f = 0; f < count; f++, m += cells, i += cells, o += cells) {
+        /* branch-free loops over bytes, which the compiler vectorises */
+        for (int r = 0; r < height; r++) {
+            uint8_t *dst = flagged + (r + 1) * wide + 1;
+            const uint8_t *mr = m + (Py_ssize_t)r * width, *ir = i + (Py_ssize_t)r * width;
+            for (int c = 0; c < width; c++) dst[c] = (uint8_t)((mr[c] | ir[c]) != 0);
+        }
+        for (int r = 0; r < height + 2; r++) {
+            const uint8_t *src = flagged + r * wide;
+            uint8_t *dst = columns + (Py_ssize_t)r * width;
+            for (int c = 0; c < width; c++) dst[c] = (uint8_t)(src[c] + src[c + 1] + src[c + 2]);
+        }
+        for (int r = 0; r < height; r++) {
+            const uint8_t *up = columns + (Py_ssize_t)r * width, *mid = up + width,
+                          *down = mid + width;
+            const uint8_t *mr = m + (Py_ssize_t)r * width, *ir = i + (Py_ssize_t)r * width;
+            uint8_t *dst = o + (Py_ssize_t)r * width;
+            for (int c = 0; c < width; c++) {
+                uint8_t support = (uint8_t)(up[c] + mid[c] + down[c]);
+                dst[c] = (uint8_t)(((mr[c] != 0) & (support >= ms)) |
+                                   ((ir[c] != 0) & (support >= is)));
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(flagged);
+    PyMem_Free(columns);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&intra);
+    PyBuffer_Release(&moving);
+    Py_RETURN_NONE;
+release_intra:
+    PyBuffer_Release(&intra);
+release_moving:
+    PyBuffer_Release(&moving);
+    return NULL;
+}
+
+/* codec.changed_macroblocks on two 8-bit luma planes: per 16x16 macroblock, the sum of |dY|
+ * over every step-th pixel of every step-th row inside the width x height frame, against
+ * threshold * (that macroblock's sample count), the product in float32 as numpy forms it. */
+static PyObject *changed_macroblocks(PyObject *self, PyObject *args)
+{
+    PyObject *a_obj, *b_obj, *out_obj;
+    Py_ssize_t line_a, line_b;
+    int width, height, step;
+    float threshold;
+    if (!PyArg_ParseTuple(args, "OnOniiifO", &a_obj, &line_a, &b_obj, &line_b, &width,
+                          &height, &step, &threshold, &out_obj))
+        return NULL;
+    if (width <= 0 || height <= 0 || step <= 0 || 16 % step || line_a < width
+        || line_b < width) {
+        PyErr_SetString(PyExc_ValueError, "need width, height > 0, a step dividing 16 and "
+                        "line sizes of at least the width");
+        return NULL;
+    }
+    int mb_h = (height + 15) / 16, mb_w = (width + 15) / 16;
+    Py_buffer a, b, out;
+    if (PyObject_GetBuffer(a_obj, &a, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(b_obj, &b, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&a); return NULL; }
+    Py_ssize_t need_a = (Py_ssize_t)(height - 1) * line_a + width;
+    Py_ssize_t need_b = (Py_ssize_t)(height - 1) * line_b + width;
+    if (a.len < need_a || b.len < need_b) {
+        PyErr_Format(PyExc_ValueError, "luma planes hold %zd / %zd bytes, need %zd / %zd",
+                     a.len, b.len, need_a, need_b);
+        goto fail;
+    }
+    if (writable(out_obj, &out, (Py_ssize_t)mb_h * mb_w, "out") < 0) goto fail;
+    int32_t *sums = PyMem_Calloc((size_t)mb_h * mb_w, sizeof(int32_t));
+    int32_t *samples = PyMem_Calloc((size_t)mb_h * mb_w, sizeof(int32_t));
+    if (!sums || !samples) {
+        PyMem_Free(sums); PyMem_Free(samples);
+        PyErr_NoMemory();
+        PyBuffer_Release(&out);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* locals, not the address-taken arguments: stores could alias those */
+    const int w = width, h = height, by = step, columns = mb_w;
+    const Py_ssize_t stride_a = line_a, stride_b = line_b;
+    const unsigned char *pa = a.buf, *pb = b.buf;
+    for (int y = 0; y < h; y += by) {
+        const unsigned char *ra = pa + (Py_ssize_t)y * stride_a, *rb = pb + (Py_ssize_t)y * stride_b;
+        int32_t *row_sums = sums + (Py_ssize_t)(y >> 4) * columns;
+        int32_t *row_samples = samples + (Py_ssize_t)(y >> 4) * columns;
+        for (int x = 0; x < w; x += by) {
+            int d = (int)ra[x] - (int)rb[x];
+            row_sums[x >> 4] += d < 0 ? -d : d;
+            row_samples[x >> 4] += 1;
+        }
+    }
+    unsigned char *o = out.buf;
+    for (Py_ssize_t k = 0; k < (Py_ssize_t)mb_h * mb_w; k++) {
+        float limit = threshold * (float)(samples[k] > 1 ? samples[k] : 1);
+        o[k] = (double)sums[k] > (double)limit;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(sums);
+    PyMem_Free(samples);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&a);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&a);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"macroblock_signals", macroblock_signals, METH_VARARGS,
      "Moving / intra flags per macroblock and global motion per frame from AVMotionVector "
      "records; see codec.macroblock_signals."},
+    {"dynamic_macroblocks", dynamic_macroblocks, METH_VARARGS,
+     "Moving / intra macroblocks with enough flagged neighbours; see "
+     "policy.dynamic_macroblocks."},
+    {"changed_macroblocks", changed_macroblocks, METH_VARARGS,
+     "Macroblocks whose sampled mean |dY| exceeds a threshold; see "
+     "codec.changed_macroblocks."},
     {NULL, NULL, 0, NULL},
 };
 

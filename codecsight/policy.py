@@ -42,12 +42,14 @@ the request's policy, so a stream may switch policy from one request to the next
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import av
 import numpy as np
 
 from codecsight.checkpoint import Geometry
+import codecsight.codec as _codec
 from codecsight.codec import (MACROBLOCK, Axis, DecodedFrame, Picture, changed_macroblocks,
                               macroblock_grid, macroblock_signals, picture_for, valid_pixels)
 from codecsight.protocol import PATCH_POLICIES
@@ -152,9 +154,26 @@ def dynamic_macroblocks(moving: np.ndarray, intra: np.ndarray,
                         config: PruningConfig) -> np.ndarray:
     """Macroblocks of P/B-frames that changed: bool [..., mb_h, mb_w].
 
-    moving, intra: MacroblockSignals fields. A moving or intra macroblock counts only if
-    its 3x3 neighbourhood holds motion_support (intra_support) flagged macroblocks.
+    moving, intra: MacroblockSignals fields, bool of one shape. A moving or intra macroblock
+    counts only if its 3x3 neighbourhood holds motion_support (intra_support) flagged
+    macroblocks. Runs the compiled kernel (codec._codec_kernels; numpy's padding and
+    shifted sums cost more than the work), _dynamic_macroblocks_numpy where it is not built.
     """
+    kernels = _codec._codec_kernels
+    if kernels is None or moving.dtype != bool or intra.dtype != bool \
+            or moving.shape != intra.shape:
+        return _dynamic_macroblocks_numpy(moving, intra, config)
+    *lead, mb_h, mb_w = moving.shape
+    out = np.empty(moving.shape, bool)
+    kernels.dynamic_macroblocks(np.ascontiguousarray(moving), np.ascontiguousarray(intra),
+                                math.prod(lead), mb_h, mb_w, config.motion_support,
+                                config.intra_support, out)
+    return out
+
+
+def _dynamic_macroblocks_numpy(moving: np.ndarray, intra: np.ndarray,
+                               config: PruningConfig) -> np.ndarray:
+    """dynamic_macroblocks in numpy (the reference)."""
     support = neighbourhood_count(moving | intra)
     return (moving & (support >= config.motion_support)) | (
         intra & (support >= config.intra_support))

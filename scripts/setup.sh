@@ -41,7 +41,7 @@ fi
 stamp="$VENV/.codecsight-installed"
 # the C source too: `pip install -e` compiles it, and an edit needs a rebuild
 want="$(cat pyproject.toml codecsight/*.c | sha256sum | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "codecsight/_codec_kernels*.so" >/dev/null; then
   log "installing pinned packages into $VENV (first time: a few minutes)"
   "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null
   # torch first and alone, so nothing resolves an unpinned (CUDA) torch.

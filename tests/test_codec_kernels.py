@@ -223,3 +223,45 @@ def test_a_missing_extension_is_reported_once_at_import():
     assert run.stdout.split() == ["kernel:", "None", "True"]
     assert run.stderr.count("falls back to numpy") == 1, run.stderr
     assert "Run scripts/setup.sh" in run.stderr
+
+
+def test_dynamic_macroblocks_kernel_equals_numpy():
+    from codecsight.policy import PruningConfig, _dynamic_macroblocks_numpy, dynamic_macroblocks
+
+    rng = np.random.default_rng(5)
+    for case in range(60):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(1, 30)), int(rng.integers(1, 50)))
+        if case % 7 == 0:
+            shape = shape[1:]                       # one frame, [mb_h, mb_w]
+        moving = rng.random(shape) < rng.choice([0.02, 0.2, 0.6])
+        intra = rng.random(shape) < rng.choice([0.0, 0.05, 0.5])
+        config = PruningConfig.served(motion_support=int(rng.integers(1, 10)),
+                                      intra_support=int(rng.integers(1, 11)))
+        got = dynamic_macroblocks(moving, intra, config)
+        want = _dynamic_macroblocks_numpy(moving, intra, config)
+        assert got.dtype == want.dtype == bool and got.shape == want.shape
+        assert np.array_equal(got, want), f"case {case}"
+    with pytest.raises(ValueError, match="moving / intra hold 8 / 8 bytes, expected 16"):
+        codec._codec_kernels.dynamic_macroblocks(bytes(8), bytes(8), 2, 2,
+                                                 4, 1, 1, np.zeros(16, bool))
+
+
+def test_changed_macroblocks_kernel_equals_numpy(streams):
+    for name, frames in streams.items():
+        pairs = list(zip(frames[1:], frames[:-1]))[::3]
+        for threshold in (0.5, 3.0, 12.0, 40.0):
+            flagged = 0
+            for frame, previous in pairs:
+                got = codec.changed_macroblocks(frame.frame, previous.frame, threshold)
+                want = codec._changed_macroblocks_numpy(frame.frame, previous.frame, threshold)
+                assert got.dtype == bool and np.array_equal(got, want), (name, threshold)
+                flagged += int(got.sum())
+            if threshold == 0.5:
+                assert flagged, f"{name}: no macroblock changed"
+    plane = np.zeros((4, 20), np.uint8)
+    with pytest.raises(ValueError, match="luma planes hold 80 / 80 bytes, need 116 / 116"):
+        codec._codec_kernels.changed_macroblocks(plane, 20, plane, 20, 16, 6, 4, 1.0,
+                                                 np.zeros(1, bool))
+    with pytest.raises(ValueError, match="a step dividing 16"):
+        codec._codec_kernels.changed_macroblocks(plane, 20, plane, 20, 16, 4, 3, 1.0,
+                                                 np.zeros(1, bool))
