@@ -327,9 +327,10 @@ class StreamParser:
         t_patchify = time.perf_counter()
         if pixels:
             with_pixels = meta[meta[:, META["kept_groups"]] > 0]
-            patches, positions = patchify(np.stack(pixels), self.geometry,
+            # lists, not np.stack: patchify copies only the kept groups of each frame
+            patches, positions = patchify(pixels, self.geometry,
                                           frame_ids=with_pixels[:, META["t"]],
-                                          keep=np.stack(keeps), previous=np.stack(previous))
+                                          keep=np.stack(keeps), previous=previous)
         else:
             patches = np.zeros((0, self.geometry.patch_dim), np.float32)
             positions = np.zeros((0, 3), np.int64)

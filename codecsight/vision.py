@@ -69,15 +69,31 @@ def _normalisation_table(geometry: Geometry) -> np.ndarray:
     return (levels[None, :] - mean) / std
 
 
+def _frame_list(frames) -> tuple[list[np.ndarray], tuple[int, ...] | None]:
+    """patchify's frames as a list of [H, W, C] arrays (views of a stacked array) and their
+    stacked shape [F, H, W, C]; shape None if the frames differ in shape, ndim != 4 arrays
+    give their own shape."""
+    if isinstance(frames, np.ndarray):
+        return (list(frames) if frames.ndim == 4 else []), frames.shape
+    frames = [np.asarray(f) for f in frames]
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        return frames, None
+    return frames, (len(frames), *(shapes.pop() if shapes else (0, 0, 0)))
+
+
 def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
              keep: np.ndarray | None = None,
              previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Turn the kept merge groups of frames into ViT patches and their (t, h, w) positions.
 
-    frames: uint8 [F, H, W, 3] RGB, H and W multiples of geometry.group_pixels (28).
+    frames: uint8 [F, H, W, 3] RGB, H and W multiples of geometry.group_pixels (28); or a
+        sequence of F uint8 [H, W, 3] arrays of one shape (not stacked: only kept groups are
+        copied, where np.stack would copy every frame whole).
     frame_ids: F ints, the stream's global sampled-frame index of each frame (becomes t).
     keep: optional bool [F, H/28, W/28], one flag per merge group; None keeps every group.
-    previous: optional uint8 [F, H, W, 3], the stream's previous sampled frame for each frame.
+    previous: optional uint8 [F, H, W, 3] (or a sequence like frames), the stream's previous
+        sampled frame for each frame.
         Given, it fills the first T-1 temporal slots of every patch and the frame the last,
         as Qwen2-VL's video processor fills a patch with consecutive frames: each token then
         sees how its patch changed since the last sampled frame (motion, direction, speed),
@@ -85,18 +101,24 @@ def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
     Returns patches float32 [N, patch_dim] (N = 4 * kept groups) in Qwen2VLImageProcessor's
     layout: per frame, merge groups in row-major order, inside a group its 2x2 patches in
     row-major order, each patch flattened as (C, T, P, P); and positions int64 [N, 3] =
-    (frame_ids[f], patch row, patch column).
+    (frame_ids[f], patch row, patch column). Raises ValueError for frames, ids, keep or
+    previous of the wrong shape or dtype.
     """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[3] != geometry.in_channels or frames.dtype != np.uint8:
+    frames, shape = _frame_list(frames)
+    if shape is None or len(shape) != 4 or shape[3] != geometry.in_channels \
+            or any(f.dtype != np.uint8 for f in frames):
+        got = "frames of different shapes" if shape is None else \
+            f"{frames[0].dtype if frames else 'uint8'} {list(shape)}"
         raise ValueError(f"frames must be uint8 [F, H, W, {geometry.in_channels}] RGB, "
-                         f"got {frames.dtype} {list(frames.shape)}")
+                         f"got {got}")
     if previous is not None:
-        previous = np.asarray(previous)
-        if previous.shape != frames.shape or previous.dtype != np.uint8:
-            raise ValueError(f"previous frames must match frames: uint8 {list(frames.shape)}, "
-                             f"got {previous.dtype} {list(previous.shape)}")
-    n_frames, height, width, channels = frames.shape
+        previous, previous_shape = _frame_list(previous)
+        if previous_shape != shape or any(p.dtype != np.uint8 for p in previous):
+            got = "frames of different shapes" if previous_shape is None else \
+                f"{previous[0].dtype if previous else 'uint8'} {list(previous_shape)}"
+            raise ValueError(f"previous frames must match frames: uint8 {list(shape)}, "
+                             f"got {got}")
+    n_frames, height, width, channels = shape
     group, patch, merge = geometry.group_pixels, geometry.patch_size, geometry.merge_size
     if height % group or width % group:
         raise ValueError(f"frame size {width}x{height} is not a multiple of the {group}-pixel "
@@ -118,10 +140,21 @@ def patchify(frames: np.ndarray, geometry: Geometry, frame_ids: Sequence[int],
     frame_of, group_row, group_col = np.nonzero(keep)
     slots = geometry.temporal_patch_size
 
-    def kept_pixels(source: np.ndarray) -> np.ndarray:   # [K, mh, mw, C, P, P] uint8
-        view = source.reshape(n_frames, groups_h, merge, patch, groups_w, merge, patch, channels)
-        view = view.transpose(0, 1, 4, 2, 5, 7, 3, 6)      # [F, gh, gw, mh, mw, C, P, P]
-        return view[frame_of, group_row, group_col]
+    bounds = np.searchsorted(frame_of, np.arange(n_frames + 1))   # each frame's kept groups
+
+    def kept_pixels(sources: list[np.ndarray]) -> np.ndarray:   # [K, mh, mw, C, P, P] uint8
+        parts = []
+        for f, source in enumerate(sources):
+            if bounds[f] == bounds[f + 1]:
+                continue
+            view = source.reshape(groups_h, merge, patch, groups_w, merge, patch, channels)
+            view = view.transpose(0, 3, 1, 4, 6, 2, 5)       # [gh, gw, mh, mw, C, P, P]
+            rows = slice(bounds[f], bounds[f + 1])
+            parts.append(view[group_row[rows], group_col[rows]])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else \
+            np.zeros((0, merge, merge, channels, patch, patch), np.uint8)
 
     # Lay out the uint8 pixels as [K, mh, mw, C, T, P, P] first, then normalise them by table
     # look-up straight into the final layout: no float array is copied.

@@ -104,6 +104,21 @@ def test_patchify_rejects_previous_frames_of_another_shape(geometry):
         vision.patchify(random_frames(1, 2, 2), geometry, [0], previous=random_frames(1, 2, 3))
 
 
+def test_patchify_of_frame_lists_equals_patchify_of_stacked_frames(geometry):
+    # codec_parser passes lists (no whole-frame copies); the result must not depend on it
+    frames, previous = random_frames(3, 2, 3, seed=13), random_frames(3, 2, 3, seed=14)
+    keep = random_keep(3, 2, 3, share=0.4, seed=5)
+    keep[1] = False                                   # a frame with nothing kept
+    stacked = vision.patchify(frames, geometry, [1, 2, 3], keep, previous)
+    listed = vision.patchify(list(frames), geometry, [1, 2, 3], keep, list(previous))
+    assert len(stacked[0]) and all(np.array_equal(a, b) for a, b in zip(stacked, listed))
+    with pytest.raises(ValueError, match="frames must be uint8 .* got frames of different shapes"):
+        vision.patchify([frames[0], random_frames(1, 2, 2)[0]], geometry, [0, 1])
+    with pytest.raises(ValueError, match="previous frames must match frames: uint8 "
+                                         r"\[1, 56, 84, 3\], got uint8 \[1, 56, 56, 3\]"):
+        vision.patchify([frames[0]], geometry, [0], previous=[random_frames(1, 2, 2)[0]])
+
+
 def test_patchify_positions_are_frame_id_and_patch_grid_in_block_major_order(geometry):
     _, positions = vision.patchify(random_frames(2, 2, 3), geometry, [7, 9])
     assert positions.dtype == np.int64 and positions.shape == (48, 3)
