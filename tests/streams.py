@@ -27,6 +27,19 @@ def clip_settings(path: str = CLIP, **overrides) -> StreamSettings:
     return StreamSettings(**{**values, **overrides})
 
 
+def decoded_clip(path: str = CLIP, chunk_seconds: float = 4.0) -> list:
+    """Every frame of a clip as codec_parser decodes it: the client's chunks fed to one
+    StreamDecoder (DecodedFrame list, display order)."""
+    from codecsight.codec import StreamDecoder
+    from codecsight_client.demux import iter_chunks
+
+    decoder = StreamDecoder()
+    frames = []
+    for c in iter_chunks(str(path), chunk_seconds):
+        frames += decoder.feed(c.data, au_bytes=list(c.au_sizes), au_pts=list(c.au_pts))
+    return frames + decoder.flush()
+
+
 def new_id(name: str) -> str:
     """A stream ID no other test uses: name plus a random suffix."""
     return f"{name}-{uuid.uuid4().hex[:8]}"

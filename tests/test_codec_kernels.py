@@ -18,6 +18,8 @@ from codecsight import codec
 from codecsight.codec import StreamDecoder, macroblock_signals
 from codecsight.tools.synth import Box, encode_h264, moving_boxes
 
+from streams import decoded_clip
+
 CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
 DTYPE = np.dtype({"names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags",
                             "motion_x", "motion_y", "motion_scale"],
@@ -59,13 +61,7 @@ def streams():
     still, one at a size that is not a multiple of 16 with three B-frames."""
     out = {}
     if CAR.exists():
-        from codecsight_client.demux import iter_chunks
-
-        decoder = StreamDecoder()
-        frames = []
-        for c in iter_chunks(str(CAR), 4.0):
-            frames += decoder.feed(c.data, au_bytes=list(c.au_sizes), au_pts=list(c.au_pts))
-        out["car"] = frames + decoder.flush()
+        out["car"] = decoded_clip(str(CAR))
     box = Box(x=40, y=120, width=64, height=48, vx=5.0, vy=1.0)
     pan, _ = moving_boxes(40, 640, 360, boxes=[box], seed=2, pan_px_per_frame=-4,
                           noise_sigma=2.0)

@@ -17,6 +17,8 @@ from codecsight.protocol import META, PATCH_POLICIES
 from codecsight.tools.synth import Box, encode_h264, moving_boxes
 from codecsight.vision import PrunedVisionEncoder, patchify
 
+from streams import decoded_clip
+
 FPS = 12.5
 BOX = Box(x=40, y=48, width=48, height=32, vx=4.0, vy=0.0)
 W, H = 320, 240            # 20 x 15 macroblocks; pads to 336 x 252 = 12 x 9 merge groups
@@ -188,13 +190,7 @@ def real_streams():
     shaking camera: most frames have a global motion) and a generated pan with B-frames."""
     streams = {}
     if CAR.exists():
-        from codecsight_client.demux import iter_chunks
-
-        decoder = StreamDecoder()
-        frames = []
-        for c in iter_chunks(str(CAR), 4.0):
-            frames += decoder.feed(c.data, au_bytes=list(c.au_sizes), au_pts=list(c.au_pts))
-        streams["car"] = frames + decoder.flush()
+        streams["car"] = decoded_clip(str(CAR))
     frames, _ = moving_boxes(60, W, H, boxes=[BOX], seed=1, pan_px_per_frame=3, noise_sigma=2.0)
     streams["pan with B-frames"] = decode(encode_h264(frames, FPS, gop=30, bframes=2))
     # a still camera: every B-frame median is 0 (found without sorting)
