@@ -259,7 +259,7 @@ def streams_section(data: dict) -> list[str]:
     lines += [f"- Clip `{short(s['clip'])}` looped; analysis {s['fps']:g} fps, window "
               f"{s['window_seconds']:g} s, stride {s['stride_seconds']:g} s (the latency bound), "
               f"{s['seconds']:g} s per level, first {s['skip_first']} window(s) of each stream "
-              f"not counted (window filling)", ""]
+              f"not counted (window filling), nor the last (sent with END: stream teardown)", ""]
     for key, n in data["sustained"].items():
         note = "" if data["search_complete"].get(key) else " (search cut short)"
         lines.append(f"- **{key}: {n} stream(s)**{note}, "
