@@ -413,10 +413,9 @@ static PyObject *changed_macroblocks(PyObject *self, PyObject *args)
         goto fail;
     }
     if (writable(out_obj, &out, (Py_ssize_t)mb_h * mb_w, "out") < 0) goto fail;
-    int32_t *sums = PyMem_Calloc((size_t)mb_h * mb_w, sizeof(int32_t));
-    int32_t *samples = PyMem_Calloc((size_t)mb_h * mb_w, sizeof(int32_t));
-    if (!sums || !samples) {
-        PyMem_Free(sums); PyMem_Free(samples);
+    /* sums of |dY| per macroblock; sampled rows per macroblock row, columns per column */
+    int32_t *sums = PyMem_Calloc((size_t)mb_h * mb_w + mb_h + mb_w, sizeof(int32_t));
+    if (!sums) {
         PyErr_NoMemory();
         PyBuffer_Release(&out);
         goto fail;
@@ -426,24 +425,28 @@ static PyObject *changed_macroblocks(PyObject *self, PyObject *args)
     const int w = width, h = height, by = step, columns = mb_w;
     const Py_ssize_t stride_a = line_a, stride_b = line_b;
     const unsigned char *pa = a.buf, *pb = b.buf;
+    int32_t *rows_in = sums + (Py_ssize_t)mb_h * columns, *columns_in = rows_in + mb_h;
+    for (int x = 0; x < w; x += by) columns_in[x >> 4]++;
     for (int y = 0; y < h; y += by) {
-        const unsigned char *ra = pa + (Py_ssize_t)y * stride_a, *rb = pb + (Py_ssize_t)y * stride_b;
+        const unsigned char *ra = pa + (Py_ssize_t)y * stride_a;
+        const unsigned char *rb = pb + (Py_ssize_t)y * stride_b;
         int32_t *row_sums = sums + (Py_ssize_t)(y >> 4) * columns;
-        int32_t *row_samples = samples + (Py_ssize_t)(y >> 4) * columns;
+        rows_in[y >> 4]++;
         for (int x = 0; x < w; x += by) {
             int d = (int)ra[x] - (int)rb[x];
             row_sums[x >> 4] += d < 0 ? -d : d;
-            row_samples[x >> 4] += 1;
         }
     }
+    /* samples in a macroblock = its sampled rows x its sampled columns (>= 1 each) */
     unsigned char *o = out.buf;
-    for (Py_ssize_t k = 0; k < (Py_ssize_t)mb_h * mb_w; k++) {
-        float limit = threshold * (float)(samples[k] > 1 ? samples[k] : 1);
-        o[k] = (double)sums[k] > (double)limit;
-    }
+    for (int r = 0; r < mb_h; r++)
+        for (int c = 0; c < columns; c++) {
+            float limit = threshold * (float)(rows_in[r] * columns_in[c]);
+            o[(Py_ssize_t)r * columns + c] = (double)sums[(Py_ssize_t)r * columns + c]
+                                             > (double)limit;
+        }
     Py_END_ALLOW_THREADS
     PyMem_Free(sums);
-    PyMem_Free(samples);
     PyBuffer_Release(&out);
     PyBuffer_Release(&b);
     PyBuffer_Release(&a);

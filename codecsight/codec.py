@@ -726,7 +726,7 @@ def macroblock_signals(motion_vectors: Sequence[np.ndarray | None], width: int, 
     if bidirectional is not None:
         if len(bidirectional) != count:
             raise ValueError(f"bidirectional has {len(bidirectional)} flags for {count} frames")
-        bidirectional = np.asarray(bidirectional, bool).view(np.uint8).tobytes()
+        bidirectional = np.ascontiguousarray(bidirectional, bool)   # one byte a frame
     _codec_kernels.macroblock_signals(frames, bidirectional, layout or _NO_RECORDS, mb_h,
                                       mb_w, float(threshold_px), moving, intra, global_motion,
                                       counts)

@@ -4,8 +4,8 @@ Each stream sends a chunk only when its stride of wall time has passed (a live c
 streams staggered evenly across the stride. A window's latency runs from the moment its
 chunk was due to its answer, so a stream that falls behind keeps paying for it. N streams
 are sustained when the p99 window latency stays under the stride, over the steady state: the
-windows before the window first fills and the last one (sent with END) are not counted. N is ramped per policy,
-doubling until a level fails, then bisected; the policies' levels are interleaved in time,
+windows before the window first fills and the last one (sent with END) are not counted. N is
+ramped per policy, doubling until a level fails, then bisected; the policies' levels are interleaved in time,
 and each level is bounded (--seconds, then every stream ends with END).
 
     .venv/bin/python perf/streams_sustained.py --policies dense,vllm_evs,codec \

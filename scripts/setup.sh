@@ -16,13 +16,13 @@ case "$pyver" in 3.10|3.11|3.12|3.13) ;; *) log "Python $pyver is not supported 
 apt_pkgs=()
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || apt_pkgs+=("libpython${pyver}")
 ldconfig -p | grep -q "libb64.so.0d" || apt_pkgs+=("libb64-0d")
-# Tests start real peers: nginx (the scale-out proxy), headless Chromium (the operator page,
-# driven by Playwright with no browser download) and GStreamer's RTSP server (a live camera),
-# which runs under the system python3 with Debian's GObject bindings.
 # A C compiler and the Python headers build codecsight's compiled kernel (codec metadata).
 command -v gcc >/dev/null || apt_pkgs+=("gcc")
 [ -f "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
   || apt_pkgs+=("python${pyver}-dev")
+# Tests start real peers: nginx (the scale-out proxy), headless Chromium (the operator page,
+# driven by Playwright with no browser download) and GStreamer's RTSP server (a live camera),
+# which runs under the system python3 with Debian's GObject bindings.
 [ -x /usr/sbin/nginx ] || apt_pkgs+=("nginx-light")
 [ -x /usr/lib/chromium/chromium ] || apt_pkgs+=("chromium")
 /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null \
@@ -41,7 +41,8 @@ fi
 stamp="$VENV/.codecsight-installed"
 # the C source too: `pip install -e` compiles it, and an edit needs a rebuild
 want="$(cat pyproject.toml codecsight/*.c | sha256sum | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "codecsight/_codec_kernels*.so" >/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
+    || ! compgen -G "codecsight/_codec_kernels*.so" >/dev/null; then
   log "installing pinned packages into $VENV (first time: a few minutes)"
   "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null
   # torch first and alone, so nothing resolves an unpinned (CUDA) torch.

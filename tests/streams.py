@@ -7,11 +7,19 @@ from __future__ import annotations
 import functools
 import uuid
 
+import numpy as np
+
 from codecsight.serve import REPO_ROOT
 from codecsight_client.demux import probe
 from codecsight_client.stream import StreamSettings
 
 CLIP = str(REPO_ROOT / "media" / "car-detection.mp4")
+# FFmpeg's AVMotionVector fields for hand-made records, packed (PyAV's own dtype is aligned:
+# 40 bytes, not 32), so code under test must read the layout from the dtype it is given
+MOTION_VECTOR_DTYPE = np.dtype({
+    "names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags", "motion_x",
+              "motion_y", "motion_scale"],
+    "formats": ["<i4", "u1", "u1", "<i2", "<i2", "<i2", "<i2", "<u8", "<i4", "<i4", "<u2"]})
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,13 +18,10 @@ from codecsight import codec
 from codecsight.codec import StreamDecoder, macroblock_signals
 from codecsight.tools.synth import Box, encode_h264, moving_boxes
 
-from streams import decoded_clip
+from streams import CLIP, MOTION_VECTOR_DTYPE, decoded_clip
 
-CAR = Path(__file__).resolve().parent.parent / "media" / "car-detection.mp4"
-DTYPE = np.dtype({"names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags",
-                            "motion_x", "motion_y", "motion_scale"],
-                  "formats": ["<i4", "u1", "u1", "<i2", "<i2", "<i2", "<i2", "<u8", "<i4",
-                              "<i4", "<u2"]})   # FFmpeg's AVMotionVector, as PyAV gives it
+CAR = Path(CLIP)
+DTYPE = MOTION_VECTOR_DTYPE   # packed: the kernel must take the layout from the dtype
 
 
 def assert_same(vectors, width, height, threshold_px, bidirectional, what):

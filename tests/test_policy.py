@@ -17,7 +17,7 @@ from codecsight.protocol import META, PATCH_POLICIES
 from codecsight.tools.synth import Box, encode_h264, moving_boxes
 from codecsight.vision import PrunedVisionEncoder, patchify
 
-from streams import decoded_clip
+from streams import MOTION_VECTOR_DTYPE, decoded_clip
 
 FPS = 12.5
 BOX = Box(x=40, y=48, width=48, height=32, vx=4.0, vy=0.0)
@@ -37,11 +37,7 @@ def decode(data):
 
 def mv_records(rows):
     """AVMotionVector records from (source, w, h, dst_x, dst_y, motion_x, motion_y) rows."""
-    dtype = np.dtype({"names": ["source", "w", "h", "src_x", "src_y", "dst_x", "dst_y", "flags",
-                                "motion_x", "motion_y", "motion_scale"],
-                      "formats": ["<i4", "u1", "u1", "<i2", "<i2", "<i2", "<i2", "<u8", "<i4",
-                                  "<i4", "<u2"]})
-    out = np.zeros(len(rows), dtype)
+    out = np.zeros(len(rows), MOTION_VECTOR_DTYPE)
     for i, (source, w, h, x, y, mx, my) in enumerate(rows):
         out[i] = (source, w, h, x, y, x, y, 0, mx, my, 4)
     return out
